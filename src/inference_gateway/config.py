@@ -1,0 +1,124 @@
+"""Settings, read once from the environment at start-up into one frozen object.
+
+The variable names are those of the original Tembo Inference Server, so existing deployments keep
+working. No other module reads the environment: the settings object is passed down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A setting has a value the gateway cannot use; the message names the variable."""
+
+
+def parse_pairs(value: str, sep: str, what: str) -> dict[str, str]:
+    """Parse ``a<sep>b,c<sep>d`` into a dict, rejecting anything ambiguous."""
+    pairs: dict[str, str] = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, found, target = item.partition(sep)
+        key, target = key.strip(), target.strip()
+        if not found or not key or not target:
+            raise ValueError(f"expected {what}, got {item!r}")
+        if key in pairs:
+            raise ValueError(f"{key!r} is given twice")
+        pairs[key] = target
+    return pairs
+
+
+class Settings(BaseSettings):
+    """Every knob of the gateway. Field names match the environment variables, upper-cased."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    database_url: str = "postgresql://postgres:postgres@localhost:5432/postgres"
+    model_service_port_map: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"facebook/opt-125m": "http://localhost:8000"}
+    )
+    model_rewrites: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    webserver_host: str = "0.0.0.0"
+    webserver_port: int = Field(default=8080, ge=1, le=65535)
+    webserver_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+
+    org_auth_enabled: bool = False
+    org_auth_cache_refresh_interval_sec: float = Field(default=10.0, gt=0)
+    auth_mode: Literal["headers", "keys", "either"] = "either"
+
+    migrate_on_start: bool = True
+    max_request_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    upstream_connect_timeout_sec: float = Field(default=5.0, gt=0)
+    upstream_timeout_sec: float = Field(default=600.0, gt=0)
+    upstream_max_connections: int = Field(default=1000, ge=1)
+
+    usage_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    usage_flush_interval_ms: int = Field(default=200, ge=1)
+    spool_dir: Path = Path("spool")
+    spool_sync: Literal["batch", "always", "never"] = "batch"
+    spool_segment_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
+    spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=4096)
+    spool_min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    spool_full_policy: Literal["spill", "refuse", "drop"] = "spill"
+    writer_max_backoff_sec: float = Field(default=30.0, gt=0)
+
+    # Partition maintenance (pg_partman, scheduled by pg_cron where it exists).
+    requests_retention: str = "13 months"
+    retention_keep_table: bool = False  # true: detach old partitions instead of dropping them
+    maintenance_schedule: str = "0 2 * * *"  # cron syntax, GMT
+    maintenance_warn_after_sec: float = Field(default=300.0, gt=0)
+
+    # Billing reporter.
+    run_billing_reporter: bool = False
+    billing_period_sec: float = Field(default=3600.0, gt=0)
+    billing_sink: Literal["outbox", "pgmq", "webhook"] = "outbox"
+    queue_conn_url: str | None = None
+    billing_queue_name: str = "billing_usage"
+    billing_webhook_url: str | None = None
+
+    log_level: str = "INFO"
+
+    @field_validator("model_service_port_map", mode="before")
+    @classmethod
+    def _parse_port_map(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = parse_pairs(value, "=", "name=url")
+            for name, url in pairs.items():
+                if not url.startswith(("http://", "https://")):
+                    raise ValueError(f"the URL of {name!r} must start with http:// or https://")
+                pairs[name] = url.rstrip("/")
+            return pairs
+        return value
+
+    @field_validator("model_rewrites", mode="before")
+    @classmethod
+    def _parse_rewrites(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_pairs(value, ":", "alias:target")
+        return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning pydantic's report into one line per bad variable."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = str(err["loc"][0]).upper() if err["loc"] else "settings"
+            lines.append(f"invalid {name}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    for alias, target in settings.model_rewrites.items():
+        if target not in settings.model_service_port_map:
+            raise ConfigError(
+                f"invalid MODEL_REWRITES: {alias!r} points to {target!r}, "
+                "which is not in MODEL_SERVICE_PORT_MAP"
+            )
+    return settings

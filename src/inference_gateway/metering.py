@@ -1,0 +1,197 @@
+"""The metering sink: ``submit(record)`` on the request path, durable batched writes behind it.
+
+``submit`` appends the record to this process's spool (a write into the page cache, no network)
+and returns. A background task drains the spool into Postgres in batches of up to
+``USAGE_BATCH_SIZE`` records, at least every ``USAGE_FLUSH_INTERVAL_MS``, retrying with capped
+exponential backoff while Postgres is away. Records are acknowledged in the spool only after
+Postgres committed them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from inference_gateway.config import Settings
+from inference_gateway.spool import Batch, Spool
+from inference_gateway.usage import UsageRecord
+from inference_gateway.writer import PostgresWriter, WriteResult
+
+log = logging.getLogger(__name__)
+
+ORPHAN_SCAN_INTERVAL_SEC = 10.0
+DISK_CHECK_INTERVAL_SEC = 1.0
+
+
+class Writer(Protocol):
+    async def write(self, records: list[UsageRecord]) -> WriteResult: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass
+class MeterHealth:
+    database_ok: bool = False
+    last_error: str | None = None
+    written: int = 0
+    failures: int = 0
+
+
+class Meter:
+    """Owns the spool and the writer task of one process."""
+
+    def __init__(self, settings: Settings, writer: Writer | None = None) -> None:
+        self.settings = settings
+        self.spool = Spool(
+            settings.spool_dir,
+            settings.spool_segment_bytes,
+            sync_always=settings.spool_sync == "always",
+        )
+        self.writer: Writer = writer or PostgresWriter(settings.database_url)
+        self.health = MeterHealth()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._full = False
+        self._unsynced = 0
+        self._batch_size = settings.usage_batch_size
+
+    # -- request path ---------------------------------------------------------------------------
+
+    def accepting(self) -> bool:
+        """False when new requests must be refused rather than served unmetered."""
+        return not (self._full and self.settings.spool_full_policy != "drop")
+
+    def submit(self, record: UsageRecord) -> None:
+        if self._full and self.settings.spool_full_policy == "drop":
+            self.spool.stats.dropped += 1
+            log.error("usage spool full: dropped the record of request %s", record.request_id)
+            return
+        self.spool.append(record)
+        self._idle.clear()
+        self._unsynced += 1
+        if self._unsynced >= self._batch_size:
+            self._wake.set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.spool.open()
+        self._check_disk()
+        self._task = asyncio.create_task(self._run(), name="usage-writer")
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every spooled record is in Postgres. False if that did not happen in time."""
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Drain what can be drained in ``timeout``; the rest stays in the spool for next time."""
+        if self._task is None:
+            return
+        drained = await self.flush(timeout)
+        if not drained:
+            log.warning("usage writer: %d bytes left in the spool for the next start",
+                        self.spool.pending_bytes())
+        self._stopping = True
+        self._wake.set()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        self.spool.close()
+        await self.writer.close()
+
+    # -- writer task ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        interval = self.settings.usage_flush_interval_ms / 1000
+        backoff = 0.0
+        last_scan = last_disk = time.monotonic()
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), backoff or interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            self._unsynced = 0
+            now = time.monotonic()
+            if now - last_scan >= ORPHAN_SCAN_INTERVAL_SEC:
+                last_scan = now
+                self.spool.claim_orphans()
+            if now - last_disk >= DISK_CHECK_INTERVAL_SEC:
+                last_disk = now
+                self._check_disk()
+            if self.settings.spool_sync == "batch":
+                try:
+                    self.spool.sync()
+                except OSError as exc:
+                    log.error("usage spool: fsync failed: %s", exc)
+            try:
+                await self._drain()
+            except Exception as exc:  # Postgres away or refusing: keep spooling, retry later
+                self.health.database_ok = False
+                self.health.failures += 1
+                if self.health.last_error != str(exc):
+                    log.warning("usage writer: cannot write to Postgres (%s); retrying", exc)
+                self.health.last_error = str(exc)
+                backoff = min(max(backoff * 2, 0.1), self.settings.writer_max_backoff_sec)
+                continue
+            backoff = 0.0
+            if not self.spool.has_pending():
+                self._idle.set()
+
+    async def _drain(self) -> None:
+        while (batch := self.spool.read_batch(self._batch_size)) is not None:
+            try:
+                result = await self.writer.write(batch.records) if batch.records else None
+            except BaseException:
+                self.spool.rewind(batch)
+                raise
+            self._settle(batch, result)
+        if not self.health.database_ok:
+            await self.writer.ping()
+            self.health.database_ok = True
+            self.health.last_error = None
+
+    def _settle(self, batch: Batch, result: WriteResult | None) -> None:
+        for line in batch.bad_lines:
+            self.spool.dead_letter(line, "unreadable spool line (checksum or JSON)")
+        if result is not None:
+            for record, reason in result.rejected:
+                log.error("usage writer: Postgres rejected request %s: %s",
+                          record.request_id, reason)
+                self.spool.dead_letter(record.to_json(), reason)
+            self.health.written += result.inserted
+            self.health.database_ok = True
+            self.health.last_error = None
+        self.spool.ack(batch)
+
+    def _check_disk(self) -> None:
+        settings = self.settings
+        try:
+            st = os.statvfs(settings.spool_dir)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = 0
+        pending = self.spool.pending_bytes()
+        below_floor = free < settings.spool_min_free_bytes
+        over_cap = pending >= settings.spool_max_bytes
+        full = below_floor if settings.spool_full_policy == "spill" else (below_floor or over_cap)
+        if full != self._full:
+            self._full = full
+            if full:
+                log.error("usage spool full (%d bytes pending, %d bytes free): policy %s",
+                          pending, free, settings.spool_full_policy)
+            else:
+                log.info("usage spool has room again")

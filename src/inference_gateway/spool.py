@@ -1,0 +1,358 @@
+"""An append-only spool of usage records on local disk.
+
+A record is appended here before the client's response is finished, so a crashed process loses
+nothing it already answered: the writer drains the spool into Postgres and acknowledges what
+Postgres committed. Each process owns its own segment files, held with ``flock``; segments whose
+lock nobody holds were left by a process that died and are claimed and replayed by whoever finds
+them first.
+
+File format: one record per line, ``<crc32 as 8 hex digits> <record JSON>\\n``. A segment's
+acknowledged offset lives next to it in ``<segment>.ack``, replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inference_gateway.usage import UsageRecord
+
+log = logging.getLogger(__name__)
+
+SEGMENT_SUFFIX = ".log"
+ACK_SUFFIX = ".ack"
+DEAD_LETTER_FILE = "dead-letter.jsonl"
+READ_CHUNK = 4 * 1024 * 1024
+
+
+def encode_line(payload: bytes) -> bytes:
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode_line(line: bytes) -> bytes | None:
+    """The payload of one line (without its newline), or None if the checksum does not match."""
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    payload = line[9:]
+    try:
+        expected = int(line[:8], 16)
+    except ValueError:
+        return None
+    return payload if zlib.crc32(payload) == expected else None
+
+
+def read_ack(segment: Path) -> int:
+    try:
+        return int(segment.with_suffix(ACK_SUFFIX).read_text() or "0")
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def write_ack(segment: Path, offset: int) -> None:
+    ack = segment.with_suffix(ACK_SUFFIX)
+    tmp = ack.with_suffix(".ack.tmp")
+    tmp.write_text(str(offset))
+    os.replace(tmp, ack)
+
+
+@dataclass
+class Segment:
+    path: Path
+    fd: int
+    size: int
+    acked: int
+    read_pos: int
+    active: bool  # this process is still appending to it
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.size - self.acked
+
+
+@dataclass
+class Batch:
+    segment: Segment
+    records: list[UsageRecord]
+    end_offset: int
+    bad_lines: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class SpoolStats:
+    torn: int = 0  # half-written last lines skipped in segments left by a crash
+    corrupt: int = 0  # lines whose checksum did not match
+    dead_letters: int = 0
+    dropped: int = 0  # records not spooled because the spool was full (policy "drop")
+
+
+class Spool:
+    """The segments one process owns: the one it appends to, and any it claimed for replay."""
+
+    def __init__(self, directory: Path, segment_bytes: int, sync_always: bool = False) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.sync_always = sync_always
+        self.stats = SpoolStats()
+        self._segments: list[Segment] = []
+        self._active: Segment | None = None
+        self._dirty = False
+        self._seq = 0
+
+    # -- appending (request path) -------------------------------------------------------------
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.claim_orphans()
+        self._rotate()
+
+    def append(self, record: UsageRecord) -> None:
+        """Append one record. A plain write to the page cache: survives a process crash."""
+        active = self._active
+        if active is None:
+            raise RuntimeError("spool is not open")
+        line = encode_line(record.to_json())
+        written = os.write(active.fd, line)
+        if written != len(line):  # disk full: cut the torn tail so the file stays well-formed
+            os.ftruncate(active.fd, active.size)
+            raise OSError("short write to the usage spool")
+        active.size += written
+        self._dirty = True
+        if self.sync_always:
+            os.fsync(active.fd)
+            self._dirty = False
+        if active.size >= self.segment_bytes:
+            self._rotate()
+
+    def sync(self) -> None:
+        """fsync the active segment if anything was appended since the last sync."""
+        if self._dirty and self._active is not None:
+            self._dirty = False
+            os.fsync(self._active.fd)
+
+    def _rotate(self) -> None:
+        if self._active is not None:
+            with contextlib.suppress(OSError):
+                os.fsync(self._active.fd)
+            self._active.active = False
+        self._seq += 1
+        name = f"seg-{time.time_ns():020d}-{os.getpid()}-{self._seq}{SEGMENT_SUFFIX}"
+        path = self.directory / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        segment = Segment(path, fd, 0, 0, 0, active=True)
+        self._segments.append(segment)
+        self._active = segment
+        self._dirty = False
+
+    # -- replaying what dead processes left ----------------------------------------------------
+
+    def claim_orphans(self) -> int:
+        """Take over segments whose owner is gone. Returns how many were claimed."""
+        owned = {s.path for s in self._segments}
+        claimed = 0
+        for path in sorted(self.directory.glob(f"seg-*{SEGMENT_SUFFIX}")):
+            if path in owned:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            if not path.exists():  # removed by its previous owner after our open
+                os.close(fd)
+                continue
+            size = os.fstat(fd).st_size
+            acked = min(read_ack(path), size)
+            segment = Segment(path, fd, size, acked, acked, active=False)
+            # Orphans go before this process's own segments: they are older.
+            self._segments.insert(claimed, segment)
+            claimed += 1
+            if acked < size:
+                log.info("spool: replaying %s (%d bytes pending)", path.name, size - acked)
+        return claimed
+
+    # -- draining (writer) ----------------------------------------------------------------------
+
+    def read_batch(self, max_records: int) -> Batch | None:
+        """The next run of unacknowledged records from the oldest segment that has any."""
+        for segment in self._segments:
+            if segment.read_pos >= segment.size:
+                continue
+            return self._read(segment, max_records)
+        return None
+
+    def _read(self, segment: Segment, max_records: int) -> Batch:
+        data = os.pread(segment.fd, min(READ_CHUNK, segment.size - segment.read_pos),
+                        segment.read_pos)
+        batch = Batch(segment, [], segment.read_pos)
+        pos = 0
+        while len(batch.records) < max_records:
+            nl = data.find(b"\n", pos)
+            if nl == -1:
+                break
+            line = data[pos:nl]
+            pos = nl + 1
+            payload = decode_line(line)
+            record = None
+            if payload is not None:
+                try:
+                    record = UsageRecord.from_json(payload)
+                except (ValueError, TypeError):
+                    record = None
+            if record is None:
+                self.stats.corrupt += 1
+                batch.bad_lines.append(line)
+                log.error("spool: skipping a corrupt line in %s", segment.path.name)
+            else:
+                batch.records.append(record)
+        end = segment.read_pos + pos
+        if pos == 0 and not batch.records and not batch.bad_lines:
+            # No complete line left. In a segment nobody appends to any more, the rest is the
+            # torn tail of a write the crash interrupted: skip it and say so.
+            if not segment.active:
+                self.stats.torn += 1
+                log.warning("spool: skipping a torn last record (%d bytes) in %s",
+                            segment.size - segment.read_pos, segment.path.name)
+                end = segment.size
+            elif len(data) == READ_CHUNK:
+                raise RuntimeError(f"record longer than {READ_CHUNK} bytes in {segment.path}")
+        batch.end_offset = end
+        segment.read_pos = end
+        return batch
+
+    def ack(self, batch: Batch) -> None:
+        """Record that everything up to the batch's end is in Postgres; drop finished segments."""
+        segment = batch.segment
+        segment.acked = batch.end_offset
+        if not segment.active and segment.acked >= segment.size:
+            self._remove(segment)
+        else:
+            write_ack(segment.path, segment.acked)
+
+    def rewind(self, batch: Batch) -> None:
+        """Make a batch that could not be written readable again."""
+        batch.segment.read_pos = min(batch.segment.read_pos, batch.segment.acked)
+
+    def _remove(self, segment: Segment) -> None:
+        for path in (segment.path, segment.path.with_suffix(ACK_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        os.close(segment.fd)
+        self._segments.remove(segment)
+
+    # -- accounting -------------------------------------------------------------------------------
+
+    def pending_bytes(self) -> int:
+        return sum(s.pending_bytes for s in self._segments)
+
+    def has_pending(self) -> bool:
+        return any(s.acked < s.size for s in self._segments)
+
+    def dead_letter(self, line: bytes, reason: str) -> None:
+        """Set a record Postgres will never take aside, with the reason, and count it."""
+        entry = b'{"reason": %s, "line": %s}\n' % (_json_str(reason), _json_str(
+            line.decode("utf-8", "replace")))
+        fd = os.open(self.directory / DEAD_LETTER_FILE,
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, entry)
+        finally:
+            os.close(fd)
+        self.stats.dead_letters += 1
+
+    def close(self) -> None:
+        """Release every segment; what is not acknowledged stays on disk for the next start."""
+        for segment in list(self._segments):
+            if segment.active:
+                with contextlib.suppress(OSError):
+                    os.fsync(segment.fd)
+                segment.active = False
+            if segment.acked >= segment.size:
+                self._remove(segment)
+            else:
+                write_ack(segment.path, segment.acked)
+                os.close(segment.fd)
+                self._segments.remove(segment)
+        self._active = None
+
+
+def _json_str(text: str) -> bytes:
+    import orjson
+
+    return orjson.dumps(text)
+
+
+@dataclass
+class SpoolStatus:
+    segments: int
+    pending_records: int
+    pending_bytes: int
+    oldest_pending_age_sec: float | None
+    dead_letters: int
+    torn: int
+
+
+def iter_pending_lines(path: Path) -> Iterator[bytes]:
+    """Complete unacknowledged lines of one segment file (for reporting, not draining)."""
+    acked = read_ack(path)
+    with path.open("rb") as f:
+        f.seek(acked)
+        for line in f:
+            if line.endswith(b"\n"):
+                yield line[:-1]
+
+
+def spool_status(directory: Path, now: float | None = None) -> SpoolStatus:
+    """What is waiting in a spool directory, read without disturbing the processes using it."""
+    now = time.time() if now is None else now
+    segments = sorted(directory.glob(f"seg-*{SEGMENT_SUFFIX}")) if directory.exists() else []
+    records = 0
+    pending = 0
+    torn = 0
+    oldest: float | None = None
+    for path in segments:
+        try:
+            size = path.stat().st_size
+            pending += max(size - read_ack(path), 0)
+            last_complete = True
+            for line in iter_pending_lines(path):
+                payload = decode_line(line)
+                if payload is None:
+                    continue
+                records += 1
+                if oldest is None:
+                    try:
+                        oldest = UsageRecord.from_json(payload).completed_at
+                    except (ValueError, TypeError):
+                        pass
+            with path.open("rb") as f:
+                if size:
+                    f.seek(size - 1)
+                    last_complete = f.read(1) == b"\n"
+            torn += 0 if last_complete else 1
+        except FileNotFoundError:
+            continue
+    dead = 0
+    dead_path = directory / DEAD_LETTER_FILE
+    if dead_path.exists():
+        with dead_path.open("rb") as f:
+            dead = sum(1 for _ in f)
+    return SpoolStatus(
+        segments=len(segments),
+        pending_records=records,
+        pending_bytes=pending,
+        oldest_pending_age_sec=None if oldest is None else max(now - oldest, 0.0),
+        dead_letters=dead,
+        torn=torn,
+    )

@@ -1,0 +1,190 @@
+"""The usage record, and reading token counts out of model-server responses.
+
+Everything here is a pure function of bytes so that it is cheap to test and cheap to run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+_USAGE_KEY = b'"usage"'
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One metered request, as it is spooled and stored in ``inference.requests``."""
+
+    request_id: str
+    organization_id: str
+    instance_id: str
+    model: str
+    requested_model: str
+    endpoint: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: int
+    streamed: bool
+    disconnected: bool
+    duration_ms: int
+    ttfb_ms: int | None
+    started_at: float  # seconds since the epoch
+    completed_at: float
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> UsageRecord:
+        fields: dict[str, Any] = orjson.loads(data)
+        return cls(**fields)
+
+    def to_row(self) -> tuple[object, ...]:
+        """The record as a row in the column order of ``COLUMNS``."""
+        return (
+            uuid.UUID(self.request_id),
+            self.organization_id,
+            self.instance_id,
+            self.model,
+            self.requested_model,
+            self.endpoint,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.status,
+            self.streamed,
+            self.disconnected,
+            self.duration_ms,
+            self.ttfb_ms,
+            datetime.fromtimestamp(self.started_at, UTC),
+            datetime.fromtimestamp(self.completed_at, UTC),
+        )
+
+
+COLUMNS = (
+    "request_id",
+    "organization_id",
+    "instance_id",
+    "model",
+    "requested_model",
+    "endpoint",
+    "prompt_tokens",
+    "completion_tokens",
+    "status",
+    "streamed",
+    "disconnected",
+    "duration_ms",
+    "ttfb_ms",
+    "started_at",
+    "completed_at",
+)
+
+
+def _as_usage(value: object) -> Usage | None:
+    if not isinstance(value, dict):
+        return None
+    prompt = value.get("prompt_tokens")
+    completion = value.get("completion_tokens", 0)
+    if completion is None:
+        completion = 0
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    if isinstance(prompt, bool) or isinstance(completion, bool):
+        return None
+    return Usage(max(prompt, 0), max(completion, 0))
+
+
+def _closing_brace(data: bytes, start: int) -> int:
+    """Index just past the object that opens at ``start``, or -1. Strings are honoured."""
+    depth = 0
+    in_string = False
+    i = start
+    end = len(data)
+    while i < end:
+        c = data[i]
+        if in_string:
+            if c == 0x5C:  # backslash: skip the escaped byte
+                i += 1
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
+def usage_span(data: bytes) -> tuple[int, int, Usage | None] | None:
+    """Locate the top-level ``"usage": {...}`` of a JSON object without parsing all of it.
+
+    Returns ``(key_start, value_end, usage)``. A JSON string cannot hold an unescaped quote, so
+    the last ``"usage"`` followed by a colon is a key; model servers put it after the choices,
+    which is why searching from the end finds the top-level one. Returns None when absent.
+    """
+    key = data.rfind(_USAGE_KEY)
+    while key != -1:
+        i = key + len(_USAGE_KEY)
+        while i < len(data) and data[i] in b" \t\r\n":
+            i += 1
+        if i < len(data) and data[i] == 0x3A:  # ':'
+            i += 1
+            while i < len(data) and data[i] in b" \t\r\n":
+                i += 1
+            if data.startswith(b"null", i):
+                return key, i + 4, None
+            if i < len(data) and data[i] == 0x7B:
+                end = _closing_brace(data, i)
+                if end == -1:
+                    return None
+                try:
+                    return key, end, _as_usage(orjson.loads(data[i:end]))
+                except orjson.JSONDecodeError:
+                    return None
+        key = data.rfind(_USAGE_KEY, 0, key)
+    return None
+
+
+def read_usage(body: bytes) -> Usage | None:
+    """Token counts of a whole (non-streamed) response body, or None if it has none."""
+    span = usage_span(body)
+    if span is not None:
+        return span[2]
+    return None
+
+
+def strip_usage(event: bytes) -> bytes:
+    """Remove the ``usage`` member from one JSON object, keeping every other byte as it was."""
+    span = usage_span(event)
+    if span is None:
+        return event
+    start, end, _ = span
+    # Take the comma that joined it to the previous member (or the next one if it came first).
+    i = start - 1
+    while i >= 0 and event[i] in b" \t\r\n":
+        i -= 1
+    if i >= 0 and event[i] == 0x2C:  # ','
+        return event[:i] + event[end:]
+    j = end
+    while j < len(event) and event[j] in b" \t\r\n":
+        j += 1
+    if j < len(event) and event[j] == 0x2C:
+        return event[:start] + event[j + 1 :]
+    return event[:start] + event[end:]
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())

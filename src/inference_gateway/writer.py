@@ -1,0 +1,119 @@
+"""Writes batches of usage records into ``inference.requests``, exactly once.
+
+Each batch is COPYed into a session-local staging table and moved into the audit table with
+``ON CONFLICT (request_id, completed_at) DO NOTHING`` in one transaction, so a batch that is
+replayed after a crash (committed, but not yet acknowledged in the spool) adds no second row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+
+from inference_gateway.usage import COLUMNS, UsageRecord
+
+log = logging.getLogger(__name__)
+
+_STAGING_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS usage_staging "
+    "(LIKE inference.requests INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_COLS = ", ".join(COLUMNS)
+_MOVE = (
+    f"INSERT INTO inference.requests ({_COLS}) SELECT {_COLS} FROM usage_staging "
+    "ON CONFLICT (request_id, completed_at) DO NOTHING"
+)
+
+# SQLSTATE classes that condemn the data itself: 22 data exception, 23 integrity violation.
+_REJECTING_CLASSES = ("22", "23")
+
+
+class RecordRejected(Exception):
+    """Postgres refuses this data; writing it again will not help."""
+
+
+def is_rejection(exc: BaseException) -> bool:
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in _REJECTING_CLASSES
+
+
+@dataclass
+class WriteResult:
+    inserted: int
+    rejected: list[tuple[UsageRecord, str]]
+
+
+class PostgresWriter:
+    """One connection, reopened on demand; every failure that is not a rejection propagates."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: asyncpg.Connection | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self._dsn, timeout=5)
+            await self._conn.execute(_STAGING_DDL)
+        return self._conn
+
+    async def write(self, records: list[UsageRecord]) -> WriteResult:
+        """Insert the batch; records Postgres rejects are found by halving and returned."""
+        rows: list[tuple[object, ...]] = []
+        rejected: list[tuple[UsageRecord, str]] = []
+        good: list[UsageRecord] = []
+        for record in records:
+            try:
+                rows.append(record.to_row())
+                good.append(record)
+            except (ValueError, TypeError, OverflowError) as exc:
+                rejected.append((record, f"cannot convert: {exc}"))
+        inserted = await self._write_splitting(good, rows, rejected)
+        return WriteResult(inserted, rejected)
+
+    async def _write_splitting(
+        self,
+        records: list[UsageRecord],
+        rows: list[tuple[object, ...]],
+        rejected: list[tuple[UsageRecord, str]],
+    ) -> int:
+        if not rows:
+            return 0
+        try:
+            return await self._copy(rows)
+        except Exception as exc:
+            if not is_rejection(exc):
+                await self._drop_connection()
+                raise
+            if len(rows) == 1:
+                rejected.append((records[0], f"{type(exc).__name__}: {exc}"))
+                return 0
+        half = len(rows) // 2
+        first = await self._write_splitting(records[:half], rows[:half], rejected)
+        second = await self._write_splitting(records[half:], rows[half:], rejected)
+        return first + second
+
+    async def _copy(self, rows: list[tuple[object, ...]]) -> int:
+        conn = await self._connection()
+        async with conn.transaction():
+            await conn.copy_records_to_table("usage_staging", records=rows, columns=COLUMNS)
+            status: str = await conn.execute(_MOVE)
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def ping(self) -> None:
+        conn = await self._connection()
+        await conn.fetchval("SELECT 1")
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await conn.close(timeout=2)
+            except Exception:
+                conn.terminate()
