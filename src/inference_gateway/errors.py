@@ -19,7 +19,9 @@ _TYPES = {
 }
 
 
-def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> bytes:
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> bytes:
     """Serialise ``{"error": {...}}`` as OpenAI's API does."""
     error = {
         "message": message,

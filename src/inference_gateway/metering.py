@@ -86,20 +86,20 @@ class Meter:
         self._check_disk()
         self._task = asyncio.create_task(self._run(), name="usage-writer")
 
-    async def flush(self, timeout: float | None = None) -> bool:
+    async def flush(self, within: float | None = None) -> bool:
         """Wait until every spooled record is in Postgres. False if that did not happen in time."""
         self._wake.set()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), within)
         except TimeoutError:
             return False
         return True
 
-    async def close(self, timeout: float = 10.0) -> None:
-        """Drain what can be drained in ``timeout``; the rest stays in the spool for next time."""
+    async def close(self, within: float = 10.0) -> None:
+        """Drain for up to ``within`` seconds; the rest stays in the spool for the next start."""
         if self._task is None:
             return
-        drained = await self.flush(timeout)
+        drained = await self.flush(within)
         if not drained:
             log.warning("usage writer: %d bytes left in the spool for the next start",
                         self.spool.pending_bytes())
@@ -119,10 +119,8 @@ class Meter:
         backoff = 0.0
         last_scan = last_disk = time.monotonic()
         while not self._stopping:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff or interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             self._unsynced = 0
             now = time.monotonic()

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+
 from inference_gateway.usage import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -288,8 +290,6 @@ class Spool:
 
 
 def _json_str(text: str) -> bytes:
-    import orjson
-
     return orjson.dumps(text)
 
 
@@ -332,10 +332,8 @@ def spool_status(directory: Path, now: float | None = None) -> SpoolStatus:
                     continue
                 records += 1
                 if oldest is None:
-                    try:
+                    with contextlib.suppress(ValueError, TypeError):
                         oldest = UsageRecord.from_json(payload).completed_at
-                    except (ValueError, TypeError):
-                        pass
             with path.open("rb") as f:
                 if size:
                     f.seek(size - 1)

@@ -166,25 +166,5 @@ def read_usage(body: bytes) -> Usage | None:
     return None
 
 
-def strip_usage(event: bytes) -> bytes:
-    """Remove the ``usage`` member from one JSON object, keeping every other byte as it was."""
-    span = usage_span(event)
-    if span is None:
-        return event
-    start, end, _ = span
-    # Take the comma that joined it to the previous member (or the next one if it came first).
-    i = start - 1
-    while i >= 0 and event[i] in b" \t\r\n":
-        i -= 1
-    if i >= 0 and event[i] == 0x2C:  # ','
-        return event[:i] + event[end:]
-    j = end
-    while j < len(event) and event[j] in b" \t\r\n":
-        j += 1
-    if j < len(event) and event[j] == 0x2C:
-        return event[:start] + event[j + 1 :]
-    return event[:start] + event[end:]
-
-
 def new_request_id() -> str:
     return str(uuid.uuid4())

@@ -1,0 +1,240 @@
+"""Wires the pieces into one aiohttp application: tenant, payload, routing, relay, metering.
+
+The request path never waits on Postgres: a finished usage record is handed to the meter, which
+appends it to the local spool and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import asyncpg
+import orjson
+from aiohttp import web
+
+from inference_gateway.config import Settings
+from inference_gateway.errors import GatewayError, error_response
+from inference_gateway.metering import Meter
+from inference_gateway.migrate import pending_migrations
+from inference_gateway.payload import parse, upstream_body
+from inference_gateway.relay import CLIENT_CLOSED, Outcome, Relay
+from inference_gateway.routing import Router
+from inference_gateway.sse import StreamFilter
+from inference_gateway.tenancy import Tenant, tenant_from_headers
+from inference_gateway.usage import UsageRecord, new_request_id
+
+log = logging.getLogger(__name__)
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "X-Request-Id",
+}
+PREFLIGHT_HEADERS = {
+    **CORS_HEADERS,
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "*",
+    "Access-Control-Max-Age": "86400",
+}
+READINESS_INTERVAL_SEC = 2.0
+
+
+class Gateway:
+    """Per-process state shared by the handlers."""
+
+    def __init__(self, settings: Settings, meter: Meter | None = None) -> None:
+        self.settings = settings
+        self.router = Router(settings.model_service_port_map, settings.model_rewrites)
+        self.meter = meter or Meter(settings)
+        self.relay: Relay | None = None
+        self.ready = False
+        self.started = int(time.time())
+        self._models_body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [self._model(name) for name in self.router.model_ids()],
+            }
+        )
+
+    def _model(self, name: str) -> dict[str, object]:
+        route = self.router.resolve(name)
+        model: dict[str, object] = {
+            "id": name, "object": "model", "created": self.started, "owned_by": "inference-gateway",
+        }
+        if route is not None and route.served_model != name:
+            model["root"] = route.served_model
+        return model
+
+    def identify(self, request: web.Request) -> Tenant:
+        return tenant_from_headers(request.headers)
+
+    # -- handlers -------------------------------------------------------------------------------
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
+        started_at = time.time()
+        request_id = new_request_id()
+        headers = {"X-Request-Id": request_id, **CORS_HEADERS}
+        try:
+            tenant = self.identify(request)
+            if not self.meter.accepting():
+                raise GatewayError(503, "usage metering is unavailable (spool full); retry later",
+                                   code="metering_unavailable")
+            raw = await self._read_body(request)
+            payload = parse(raw)
+            route = self.router.resolve(payload.model)
+            if route is None:
+                raise GatewayError(404, f"The model `{payload.model}` does not exist.",
+                                   param="model", code="model_not_found")
+        except GatewayError as exc:
+            return exc.response(headers)
+        assert self.relay is not None
+        body = upstream_body(raw, payload, route.served_model)
+        stream_filter = (
+            StreamFilter(payload.client_usage, payload.client_continuous_usage)
+            if payload.stream else None
+        )
+        outcome = Outcome()
+        try:
+            return await self.relay.forward(
+                request, route.upstream + request.path_qs, body, outcome, headers, stream_filter
+            )
+        except asyncio.CancelledError:
+            outcome.disconnected = True  # the client went away; the relay closed the upstream
+            raise
+        finally:
+            now = time.monotonic()
+            usage = outcome.usage
+            self.meter.submit(
+                UsageRecord(
+                    request_id=request_id,
+                    organization_id=tenant.organization_id,
+                    instance_id=tenant.instance_id,
+                    model=route.served_model,
+                    requested_model=payload.model,
+                    endpoint=request.path,
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0,
+                    status=outcome.status or CLIENT_CLOSED,
+                    streamed=payload.stream,
+                    disconnected=outcome.disconnected,
+                    duration_ms=int((now - t0) * 1000),
+                    ttfb_ms=(
+                        None if outcome.first_byte_at is None
+                        else int((outcome.first_byte_at - t0) * 1000)
+                    ),
+                    started_at=started_at,
+                    completed_at=time.time(),
+                )
+            )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_request_body_bytes
+        too_large = GatewayError(413, f"request body is larger than {limit} bytes",
+                                 code="request_too_large")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._models_body, content_type="application/json",
+                            headers=CORS_HEADERS)
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if self.router.resolve(name) is None:
+            return error_response(404, f"The model `{name}` does not exist.", param="model",
+                                  code="model_not_found", headers=CORS_HEADERS)
+        return web.Response(body=orjson.dumps(self._model(name)),
+                            content_type="application/json", headers=CORS_HEADERS)
+
+    async def ready_probe(self, request: web.Request) -> web.Response:
+        if self.ready:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    async def lively(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=PREFLIGHT_HEADERS)
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return error_response(404, f"Unknown endpoint: {request.method} {request.path}",
+                              code="unknown_url", headers=CORS_HEADERS)
+
+    # -- background -----------------------------------------------------------------------------
+
+    async def _watch_readiness(self) -> None:
+        """Ready once Postgres answers and every migration is applied; re-checked periodically."""
+        conn: asyncpg.Connection | None = None
+        while True:
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(self.settings.database_url, timeout=5)
+                missing = await pending_migrations(conn)
+                if missing and self.ready:
+                    log.error("not ready: migrations not applied: %s",
+                              ", ".join(m.version for m in missing))
+                self.ready = not missing
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                if self.ready:
+                    log.warning("not ready: Postgres unreachable: %s", exc)
+                self.ready = False
+                if conn is not None:
+                    conn.terminate()
+                    conn = None
+            await asyncio.sleep(READINESS_INTERVAL_SEC)
+
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        settings = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=settings.upstream_max_connections, keepalive_timeout=60, ttl_dns_cache=300
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.upstream_connect_timeout_sec,
+            sock_read=settings.upstream_timeout_sec,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        self.relay = Relay(session)
+        await self.meter.start()
+        readiness = asyncio.create_task(self._watch_readiness(), name="readiness")
+        try:
+            yield
+        finally:
+            readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await readiness
+            await session.close()
+            await self.meter.close()
+
+
+def create_app(settings: Settings, meter: Meter | None = None) -> web.Application:
+    gateway = Gateway(settings, meter)
+    app = web.Application(client_max_size=settings.max_request_body_bytes)
+    app[GATEWAY] = gateway
+    app.cleanup_ctx.append(gateway.lifespan)
+    app.router.add_post("/v1/{tail:.+}", gateway.proxy)
+    app.router.add_get("/v1/models", gateway.models)
+    app.router.add_get("/v1/models/{name:.+}", gateway.model)
+    app.router.add_get("/ready", gateway.ready_probe)
+    app.router.add_get("/lively", gateway.lively)
+    app.router.add_route("OPTIONS", "/{tail:.*}", gateway.preflight)
+    app.router.add_route("*", "/{tail:.*}", gateway.not_found)
+    return app
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

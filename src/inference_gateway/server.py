@@ -1,0 +1,110 @@
+"""Runs the gateway: migrations once, then ``WEBSERVER_WORKERS`` processes on one port.
+
+Each worker is a separate process with its own event loop, upstream pool and spool, bound with
+SO_REUSEPORT so the kernel spreads connections across them. SIGTERM or SIGINT stops accepting,
+lets in-flight requests finish, drains the usage spool, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from inference_gateway.app import create_app
+from inference_gateway.config import Settings
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_SEC = 30.0
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _run_worker(settings: Settings) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SEC
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.webserver_host, settings.webserver_port, reuse_port=True, backlog=2048
+    )
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker %d listening on %s:%d", os.getpid(), settings.webserver_host,
+             settings.webserver_port)
+    await stop.wait()
+    log.info("worker %d stopping: finishing in-flight requests and draining usage", os.getpid())
+    await runner.cleanup()
+
+
+def run_worker(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _install_uvloop()
+    asyncio.run(_run_worker(settings))
+
+
+async def _prepare_database(settings: Settings) -> None:
+    from inference_gateway.migrate import migrate
+
+    applied = await migrate(settings.database_url)
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+
+
+def serve(settings: Settings) -> int:
+    if settings.migrate_on_start:
+        try:
+            asyncio.run(_prepare_database(settings))
+        except Exception as exc:  # keep serving: usage is spooled until Postgres is back
+            log.error("could not migrate the database at start-up: %s", exc)
+    if settings.webserver_workers == 1:
+        run_worker(settings)
+        return 0
+    return _supervise(settings)
+
+
+def _supervise(settings: Settings) -> int:
+    ctx = multiprocessing.get_context("fork")
+    workers = [
+        ctx.Process(target=run_worker, args=(settings,), name=f"worker-{i}")
+        for i in range(settings.webserver_workers)
+    ]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.start()
+    exit_code = 0
+    for worker in workers:
+        worker.join()
+        if worker.exitcode and not stopping:
+            log.error("%s exited with %s", worker.name, worker.exitcode)
+            exit_code = 1
+    if exit_code:
+        print("inference-gateway: a worker failed", file=sys.stderr)
+    return exit_code

@@ -1,0 +1,105 @@
+"""Server-sent events from the model server: read usage on the way, hide what the client did
+not ask for. Pure functions over bytes; the relay feeds it chunks as they arrive.
+"""
+
+from __future__ import annotations
+
+from inference_gateway.usage import Usage, usage_span
+
+_DATA = b"data: "
+_EMPTY_CHOICES = b'"choices":[]'
+
+
+class StreamFilter:
+    """Splits an SSE byte stream into events and rewrites each one.
+
+    The upstream was asked for ``include_usage`` and ``continuous_usage_stats`` so that every
+    chunk carries the running token counts. What the client did not ask for is removed: the
+    ``usage`` member of each chunk (unless it asked for continuous stats) and the final
+    usage-only chunk (unless it asked for ``include_usage``). All other bytes pass unchanged.
+    """
+
+    __slots__ = ("_buffer", "_keep_continuous", "_keep_final", "events", "usage")
+
+    def __init__(self, keep_final_usage: bool, keep_continuous_usage: bool) -> None:
+        self._keep_final = keep_final_usage
+        self._keep_continuous = keep_continuous_usage
+        self._buffer = b""
+        self.usage: Usage | None = None
+        self.events = 0  # data events passed to the client
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to send to the client now: every complete event in what has arrived so far."""
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(b"\n\n")
+        if end == -1:
+            self._buffer = data
+            return b""
+        self._buffer = data[end + 2 :]
+        complete = data[: end + 2]
+        if self._keep_final and self._keep_continuous:
+            self._observe_all(complete)
+            return complete
+        out = []
+        for event in complete.split(b"\n\n")[:-1]:
+            kept = self._event(event)
+            if kept is not None:
+                out.append(kept)
+                out.append(b"\n\n")
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """Whatever is left when the upstream closes (an unterminated last event)."""
+        rest, self._buffer = self._buffer, b""
+        if not rest.strip():
+            return rest
+        kept = self._event(rest)
+        return kept if kept is not None else b""
+
+    def _observe_all(self, complete: bytes) -> None:
+        for event in complete.split(b"\n\n")[:-1]:
+            if event.startswith(_DATA):
+                self.events += 1
+                self._read_usage(event)
+
+    def _read_usage(self, event: bytes) -> tuple[int, int] | None:
+        if b'"usage"' not in event:
+            return None
+        span = usage_span(event)
+        if span is None:
+            return None
+        start, end, usage = span
+        if usage is not None:
+            self.usage = usage
+        return start, end
+
+    def _event(self, event: bytes) -> bytes | None:
+        if not event.startswith(_DATA) or event[6:7] != b"{":
+            if event.startswith(_DATA):
+                self.events += 1
+            return event
+        span = self._read_usage(event)
+        if span is None:
+            self.events += 1
+            return event
+        if _EMPTY_CHOICES in event and not self._keep_final:
+            return None  # the usage-only chunk the client did not ask for
+        if not self._keep_continuous and _EMPTY_CHOICES not in event:
+            event = _cut(event, *span)
+        self.events += 1
+        return event
+
+
+def _cut(event: bytes, start: int, end: int) -> bytes:
+    """Remove ``"usage": {...}`` at [start, end) together with the comma that joined it."""
+    i = start - 1
+    while i >= 0 and event[i] in b" \t\r\n":
+        i -= 1
+    if i >= 0 and event[i] == 0x2C:  # ','
+        return event[:i] + event[end:]
+    j = end
+    while j < len(event) and event[j] in b" \t\r\n":
+        j += 1
+    if j < len(event) and event[j] == 0x2C:
+        return event[:start] + event[j + 1 :]
+    return event[:start] + event[end:]
