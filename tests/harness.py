@@ -87,7 +87,7 @@ def start_simulator(tmp: Path, *extra: str) -> Proc:
 
 def start_gateway(tmp: Path, database_url: str, upstream: str, *, wait_ready: bool = True,
                   **env: str) -> Proc:
-    port = free_port()
+    port = int(env.pop("WEBSERVER_PORT", None) or free_port())
     settings = {
         "DATABASE_URL": database_url,
         "MODEL_SERVICE_PORT_MAP": f"facebook/opt-125m={upstream}",

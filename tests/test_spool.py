@@ -1,0 +1,117 @@
+"""The spool's file format and its recovery rules, on real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from inference_gateway.spool import Spool, decode_line, encode_line, spool_status
+from inference_gateway.usage import UsageRecord
+
+
+def record(i: int) -> UsageRecord:
+    return UsageRecord(f"00000000-0000-4000-8000-{i:012d}", "o", "i", "m", "m", "/v1/x",
+                       i, i + 1, 200, False, False, 1, 1, 1000.0 + i, 1001.0 + i)
+
+
+def drain(spool: Spool) -> list[UsageRecord]:
+    out: list[UsageRecord] = []
+    while (batch := spool.read_batch(1000)) is not None:
+        out.extend(batch.records)
+        spool.ack(batch)
+    return out
+
+
+def test_line_checksum() -> None:
+    line = encode_line(b'{"a":1}')
+    assert decode_line(line[:-1]) == b'{"a":1}'
+    assert decode_line(line[:-1].replace(b"1", b"2")) is None
+    assert decode_line(b"garbage") is None
+
+
+def test_append_read_ack_and_rotation(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=1024)
+    spool.open()
+    for i in range(30):
+        spool.append(record(i))
+    assert len(list(tmp_path.glob("seg-*.log"))) > 1
+    assert [r.prompt_tokens for r in drain(spool)] == list(range(30))
+    assert not spool.has_pending()
+    # Sealed, fully acknowledged segments are removed; only the active one is left.
+    assert len(list(tmp_path.glob("seg-*.log"))) == 1
+    spool.close()
+    assert list(tmp_path.glob("seg-*")) == []
+
+
+def test_crash_leaves_records_that_the_next_process_replays(tmp_path: Path) -> None:
+    first = Spool(tmp_path, segment_bytes=1 << 20)
+    first.open()
+    for i in range(5):
+        first.append(record(i))
+    batch = first.read_batch(2)
+    assert batch is not None
+    first.ack(batch)  # two records reached Postgres before the "crash"
+    for seg in first._segments:  # a crash: the descriptors go, nothing is cleaned up
+        os.close(seg.fd)
+
+    second = Spool(tmp_path, segment_bytes=1 << 20)
+    second.open()
+    assert [r.prompt_tokens for r in drain(second)] == [2, 3, 4]
+
+
+def test_torn_last_write_is_skipped_and_reported(tmp_path: Path) -> None:
+    first = Spool(tmp_path, segment_bytes=1 << 20)
+    first.open()
+    for i in range(3):
+        first.append(record(i))
+    active = first._segments[-1]
+    half = encode_line(record(3).to_json())[:25]
+    os.write(active.fd, half)  # the process died in the middle of this write
+    for seg in first._segments:
+        os.close(seg.fd)
+
+    second = Spool(tmp_path, segment_bytes=1 << 20)
+    second.open()
+    assert [r.prompt_tokens for r in drain(second)] == [0, 1, 2]
+    assert second.stats.torn == 1
+    assert not second.has_pending()
+
+
+def test_corrupt_line_is_set_aside_not_blocking(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=1 << 20)
+    spool.open()
+    spool.append(record(0))
+    os.write(spool._segments[-1].fd, b"0badc0de {\"broken\": true}\n")
+    spool._segments[-1].size += 26
+    spool.append(record(1))
+    batch = spool.read_batch(100)
+    assert batch is not None
+    assert [r.prompt_tokens for r in batch.records] == [0, 1]
+    assert len(batch.bad_lines) == 1 and spool.stats.corrupt == 1
+
+
+def test_live_owner_keeps_its_segments(tmp_path: Path) -> None:
+    owner = Spool(tmp_path, segment_bytes=1 << 20)
+    owner.open()
+    owner.append(record(0))
+    other = Spool(tmp_path, segment_bytes=1 << 20)
+    other.open()
+    assert other.read_batch(10) is None  # the owner's flock keeps the segment its own
+    owner.close()
+    assert other.claim_orphans() == 1
+    assert [r.prompt_tokens for r in drain(other)] == [0]
+
+
+def test_status_counts_pending_records(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=1 << 20)
+    spool.open()
+    for i in range(4):
+        spool.append(record(i))
+    batch = spool.read_batch(1)
+    assert batch is not None
+    spool.ack(batch)
+    spool.dead_letter(b"x", "rejected")
+    status = spool_status(tmp_path, now=2000.0)
+    assert status.pending_records == 3
+    assert status.dead_letters == 1
+    assert status.oldest_pending_age_sec == 2000.0 - 1002.0
