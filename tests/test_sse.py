@@ -22,7 +22,9 @@ def final(prompt: int, completion: int) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-UPSTREAM = chunk(0, (5, 0)) + chunk(1, (5, 1)) + chunk(2, (5, 2)) + final(5, 2) + b"data: [DONE]\n\n"
+UPSTREAM = (
+    chunk(0, (5, 0)) + chunk(1, (5, 1)) + chunk(2, (5, 2)) + final(5, 2) + b"data: [DONE]\n\n"
+)
 PLAIN = chunk(0, None) + chunk(1, None) + chunk(2, None) + b"data: [DONE]\n\n"
 
 
