@@ -12,8 +12,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from harness import ROOT, Proc, start_gateway, start_simulator
 from inference_gateway.migrate import migrate
+
+from harness import ROOT, Proc, start_gateway, start_simulator
 
 
 def _admin_url() -> str:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from inference_gateway.sse import StreamFilter
+from inference_gateway.sse import DONE, StreamFilter
 from inference_gateway.usage import Usage
 
 
@@ -30,7 +30,7 @@ PLAIN = chunk(0, None) + chunk(1, None) + chunk(2, None) + b"data: [DONE]\n\n"
 
 def run(f: StreamFilter, data: bytes, size: int) -> bytes:
     out = b"".join(f.feed(data[i:i + size]) for i in range(0, len(data), size))
-    return out + f.finish()
+    return out + f.finish() + (DONE if f.done else b"")
 
 
 def test_hides_all_usage_the_client_did_not_ask_for() -> None:
@@ -49,13 +49,19 @@ def test_keeps_final_usage_chunk_when_asked() -> None:
 def test_passes_everything_when_both_asked() -> None:
     f = StreamFilter(keep_final_usage=True, keep_continuous_usage=True)
     assert run(f, UPSTREAM, 5) == UPSTREAM
-    assert f.usage == Usage(5, 2) and f.events == 5
+    assert f.usage == Usage(5, 2) and f.events == 4
 
 
 def test_usage_tracks_the_last_event_seen() -> None:
     f = StreamFilter(keep_final_usage=False, keep_continuous_usage=False)
     f.feed(chunk(0, (5, 0)) + chunk(1, (5, 1))[:20])
     assert f.usage == Usage(5, 0)  # the half-arrived event is not counted yet
+
+
+def test_done_is_held_back_until_the_caller_releases_it() -> None:
+    f = StreamFilter(keep_final_usage=True, keep_continuous_usage=True)
+    out = f.feed(UPSTREAM)
+    assert f.done and not out.endswith(DONE) and out + DONE == UPSTREAM
 
 
 def test_error_events_and_comments_pass() -> None:

@@ -99,15 +99,13 @@ class Gateway:
             if payload.stream else None
         )
         outcome = Outcome()
-        try:
-            return await self.relay.forward(
-                request, route.upstream + request.path_qs, body, outcome, headers, stream_filter
-            )
-        except asyncio.CancelledError:
-            outcome.disconnected = True  # the client went away; the relay closed the upstream
-            raise
-        finally:
-            now = time.monotonic()
+        metered = False
+
+        def finish() -> None:
+            nonlocal metered
+            if metered:
+                return
+            metered = True
             usage = outcome.usage
             self.meter.submit(
                 UsageRecord(
@@ -122,7 +120,7 @@ class Gateway:
                     status=outcome.status or CLIENT_CLOSED,
                     streamed=payload.stream,
                     disconnected=outcome.disconnected,
-                    duration_ms=int((now - t0) * 1000),
+                    duration_ms=int((time.monotonic() - t0) * 1000),
                     ttfb_ms=(
                         None if outcome.first_byte_at is None
                         else int((outcome.first_byte_at - t0) * 1000)
@@ -131,6 +129,17 @@ class Gateway:
                     completed_at=time.time(),
                 )
             )
+
+        try:
+            return await self.relay.forward(
+                request, route.upstream + request.path_qs, body, outcome, headers, stream_filter,
+                finish,
+            )
+        except asyncio.CancelledError:
+            outcome.disconnected = True  # the client went away; the relay closed the upstream
+            raise
+        finally:
+            finish()  # errors and disconnects are metered too
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_request_body_bytes

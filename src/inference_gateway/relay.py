@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from inference_gateway.errors import error_body
-from inference_gateway.sse import StreamFilter
+from inference_gateway.sse import DONE, StreamFilter
 from inference_gateway.usage import Usage, read_usage
 
 # Response headers that describe one hop's connection, not the response itself.
@@ -65,8 +66,14 @@ class Relay:
         outcome: Outcome,
         response_headers: dict[str, str],
         stream_filter: StreamFilter | None,
+        finish: Callable[[], None],
     ) -> web.StreamResponse:
-        """Send ``body`` to ``url`` and relay the answer; ``outcome`` is filled as it goes."""
+        """Send ``body`` to ``url`` and relay the answer; ``outcome`` is filled as it goes.
+
+        ``finish`` is called once the outcome is complete and before the client has the last
+        byte of the answer, so whatever it records cannot be lost to a crash after the client
+        was answered.
+        """
         headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         try:
             upstream = await self.session.post(url, data=body, headers=headers)
@@ -80,7 +87,7 @@ class Relay:
             is_sse = upstream.content_type == "text/event-stream"
             if stream_filter is not None and is_sse and upstream.status == 200:
                 return await self._stream(request, upstream, outcome, response_headers,
-                                          stream_filter)
+                                          stream_filter, finish)
             try:
                 data = await upstream.read()
             except (TimeoutError, aiohttp.ClientError) as exc:
@@ -90,6 +97,7 @@ class Relay:
             outcome.status = upstream.status
             if upstream.status < 300:
                 outcome.usage = read_usage(data)
+            finish()  # the response is sent after the handler returns
             return web.Response(status=upstream.status, body=data,
                                 headers=_copy_headers(upstream, response_headers))
         finally:
@@ -107,6 +115,7 @@ class Relay:
         outcome: Outcome,
         response_headers: dict[str, str],
         stream_filter: StreamFilter,
+        finish: Callable[[], None],
     ) -> web.StreamResponse:
         outcome.status = upstream.status
         response = web.StreamResponse(
@@ -133,7 +142,8 @@ class Relay:
             if rest:
                 await response.write(rest)
             outcome.usage = stream_filter.usage
-            await response.write_eof()
+            finish()
+            await response.write_eof(DONE if stream_filter.done else b"")
         except ConnectionResetError:
             # The client went away: outcome.usage still holds the counts of the last chunk
             # it was sent.

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 SEGMENT_SUFFIX = ".log"
 ACK_SUFFIX = ".ack"
 DEAD_LETTER_FILE = "dead-letter.jsonl"
-READ_CHUNK = 4 * 1024 * 1024
+MAX_RECORD_BYTES = 1024 * 1024
+READ_BYTES_PER_RECORD = 512  # a record line is about 400 bytes
 
 
 def encode_line(payload: bytes) -> bytes:
@@ -195,8 +196,8 @@ class Spool:
         return None
 
     def _read(self, segment: Segment, max_records: int) -> Batch:
-        data = os.pread(segment.fd, min(READ_CHUNK, segment.size - segment.read_pos),
-                        segment.read_pos)
+        want = max(max_records * READ_BYTES_PER_RECORD, MAX_RECORD_BYTES)
+        data = os.pread(segment.fd, min(want, segment.size - segment.read_pos), segment.read_pos)
         batch = Batch(segment, [], segment.read_pos)
         pos = 0
         while len(batch.records) < max_records:
@@ -227,8 +228,9 @@ class Spool:
                 log.warning("spool: skipping a torn last record (%d bytes) in %s",
                             segment.size - segment.read_pos, segment.path.name)
                 end = segment.size
-            elif len(data) == READ_CHUNK:
-                raise RuntimeError(f"record longer than {READ_CHUNK} bytes in {segment.path}")
+            elif len(data) >= MAX_RECORD_BYTES:
+                raise RuntimeError(f"a record longer than {MAX_RECORD_BYTES} bytes in "
+                                   f"{segment.path}")
         batch.end_offset = end
         segment.read_pos = end
         return batch

@@ -8,6 +8,7 @@ from inference_gateway.usage import Usage, usage_span
 
 _DATA = b"data: "
 _EMPTY_CHOICES = b'"choices":[]'
+DONE = b"data: [DONE]\n\n"
 
 
 class StreamFilter:
@@ -19,7 +20,7 @@ class StreamFilter:
     usage-only chunk (unless it asked for ``include_usage``). All other bytes pass unchanged.
     """
 
-    __slots__ = ("_buffer", "_keep_continuous", "_keep_final", "events", "usage")
+    __slots__ = ("_buffer", "_keep_continuous", "_keep_final", "done", "events", "usage")
 
     def __init__(self, keep_final_usage: bool, keep_continuous_usage: bool) -> None:
         self._keep_final = keep_final_usage
@@ -27,9 +28,14 @@ class StreamFilter:
         self._buffer = b""
         self.usage: Usage | None = None
         self.events = 0  # data events passed to the client
+        self.done = False  # the closing [DONE] arrived; it is held back, see ``feed``
 
     def feed(self, chunk: bytes) -> bytes:
-        """Bytes to send to the client now: every complete event in what has arrived so far."""
+        """Bytes to send to the client now: every complete event in what has arrived so far.
+
+        A closing ``data: [DONE]`` is held back (``done`` is set instead) so that the caller
+        can record the usage before the client learns that the stream is over.
+        """
         data = self._buffer + chunk if self._buffer else chunk
         end = data.rfind(b"\n\n")
         if end == -1:
@@ -37,6 +43,9 @@ class StreamFilter:
             return b""
         self._buffer = data[end + 2 :]
         complete = data[: end + 2]
+        if complete.endswith(DONE) and (len(complete) == len(DONE) or complete[-len(DONE) - 1] == 0x0A):
+            complete = complete[: -len(DONE)]
+            self.done = True
         if self._keep_final and self._keep_continuous:
             self._observe_all(complete)
             return complete

@@ -1,8 +1,10 @@
 """Writes batches of usage records into ``inference.requests``, exactly once.
 
-Each batch is COPYed into a session-local staging table and moved into the audit table with
-``ON CONFLICT (request_id, completed_at) DO NOTHING`` in one transaction, so a batch that is
-replayed after a crash (committed, but not yet acknowledged in the spool) adds no second row.
+A batch is COPYed straight into the table. If any of its rows is already there (a batch
+replayed after a crash: committed, but not yet acknowledged in the spool), the unique key on
+``(request_id, completed_at)`` aborts that COPY, and the batch goes the slower, idempotent way:
+COPY into a session-local staging table, then ``INSERT ... ON CONFLICT DO NOTHING``. Either
+way, no request is stored twice.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ _MOVE = (
 
 # SQLSTATE classes that condemn the data itself: 22 data exception, 23 integrity violation.
 _REJECTING_CLASSES = ("22", "23")
+_UNIQUE_VIOLATION = "23505"
 
 
 class RecordRejected(Exception):
@@ -96,6 +99,14 @@ class PostgresWriter:
 
     async def _copy(self, rows: list[tuple[object, ...]]) -> int:
         conn = await self._connection()
+        try:
+            await conn.copy_records_to_table(
+                "requests", schema_name="inference", records=rows, columns=COLUMNS
+            )
+            return len(rows)
+        except asyncpg.PostgresError as exc:
+            if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
+                raise
         async with conn.transaction():
             await conn.copy_records_to_table("usage_staging", records=rows, columns=COLUMNS)
             status: str = await conn.execute(_MOVE)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import ROOT, free_port
 
 from inference_gateway.migrate import migrate
+
+from harness import ROOT, free_port
 
 PGBIN = Path("/usr/lib/postgresql/15/bin")
 

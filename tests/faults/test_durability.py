@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+
 from harness import Proc, start_gateway, start_simulator, wait_http
 from tests_faults_support import fire
 

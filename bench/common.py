@@ -1,0 +1,29 @@
+"""Helpers shared by the benchmarks: the dev database and scratch databases in it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dev_database_url() -> str:
+    subprocess.run([str(ROOT / "scripts" / "dev-postgres.sh")], check=True,
+                   stdout=subprocess.DEVNULL)
+    for line in (ROOT / ".dev" / "env").read_text().splitlines():
+        if line.startswith("DATABASE_URL="):
+            return line.split("=", 1)[1]
+    raise RuntimeError(".dev/env has no DATABASE_URL")
+
+
+async def scratch_database(admin_url: str, name: str) -> str:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
