@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import random
+import string
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 SEED = 1234
 VOCAB_SIZE = 512
@@ -38,6 +40,8 @@ EOS = "</s>"
 UNK = "<unk>"
 PAD = "<pad>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+# Printable ASCII, space, tab and newline (no \r, \v, \f).
+TEXT_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \t\n"
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -73,14 +77,27 @@ def seed_everything(seed: int) -> None:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Train a small byte-level BPE tokenizer on the built-in corpus."""
+    """Train a small byte-level BPE tokenizer on the built-in corpus.
+
+    The base alphabet is limited to printable ASCII plus tab and newline
+    instead of all 256 bytes, so the random model can never emit half of a
+    multi-byte UTF-8 sequence and generated text is always valid, readable
+    UTF-8. Input characters outside the alphabet become ``<unk>``.
+    """
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    ascii_alphabet = sorted(
+        {
+            char
+            for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(TEXT_ALPHABET)
+            for char in piece
+        }
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=ascii_alphabet,
         show_progress=False,
     )
     lines = [line for line in CORPUS.strip().splitlines() if line.strip()]
@@ -125,6 +142,7 @@ def main() -> None:
     parser.add_argument("output_dir", type=Path, help="folder to write the model into")
     args = parser.parse_args()
 
+    hf_logging.disable_progress_bar()
     seed_everything(SEED)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)

@@ -40,13 +40,16 @@ else
     log "venv installed"
 fi
 
-if [[ -f "$MODEL_MARKER" ]]; then
+# The marker records a hash of the builder, so editing it triggers a rebuild.
+BUILDER="$ROOT/scripts/build_tiny_model.py"
+BUILDER_HASH="$(sha256sum "$BUILDER" | cut -d' ' -f1)"
+if [[ -f "$MODEL_MARKER" ]] && [[ "$(cat "$MODEL_MARKER")" == "$BUILDER_HASH" ]]; then
     log "model ready: $MODEL_DIR"
 else
     log "building tiny model into $MODEL_DIR"
     rm -rf "$MODEL_DIR"
-    "$VENV/bin/python" "$ROOT/scripts/build_tiny_model.py" "$MODEL_DIR"
-    touch "$MODEL_MARKER"
+    "$VENV/bin/python" "$BUILDER" "$MODEL_DIR"
+    echo "$BUILDER_HASH" > "$MODEL_MARKER"
     log "model built"
 fi
 
