@@ -93,7 +93,8 @@ async def main() -> None:
     await migrate(url)
     results: dict[str, float] = {}
     base = args.baseline_records
-    results["insert_per_record_rows_per_s"] = base / await insert_per_record(url, make_records(base))
+    baseline_seconds = await insert_per_record(url, make_records(base))
+    results["insert_per_record_rows_per_s"] = base / baseline_seconds
     n = args.records
     results["copy_batches_rows_per_s"] = n / await copy_batches(url, make_records(n), args.batch)
     results["spool_copy_rows_per_s"] = n / await spool_and_copy(url, make_records(n), args.batch)

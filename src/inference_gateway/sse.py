@@ -43,7 +43,8 @@ class StreamFilter:
             return b""
         self._buffer = data[end + 2 :]
         complete = data[: end + 2]
-        if complete.endswith(DONE) and (len(complete) == len(DONE) or complete[-len(DONE) - 1] == 0x0A):
+        at = len(complete) - len(DONE)
+        if complete.endswith(DONE) and (at == 0 or complete[at - 1] == 0x0A):
             complete = complete[: -len(DONE)]
             self.done = True
         if self._keep_final and self._keep_continuous:
