@@ -68,3 +68,47 @@ def test_error_events_and_comments_pass() -> None:
     data = b": keep-alive\n\ndata: {\"error\": {\"message\": \"boom\"}}\n\ndata: [DONE]\n\n"
     f = StreamFilter(keep_final_usage=False, keep_continuous_usage=False)
     assert run(f, data, 3) == data
+
+
+# Shapes captured from vLLM 0.32: the same stream asked with usage on, and as a client that did
+# not ask for usage receives it from vLLM directly.
+_HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+VLLM_WITH_USAGE = (
+    _HEAD + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+    b'"finish_reason":null}],"usage":{"prompt_tokens":21,"total_tokens":21,"completion_tokens":0,'
+    b'"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}\n\n'
+    + _HEAD + b'"choices":[{"index":0,"delta":{"content":" quick"},"logprobs":null,'
+    b'"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,"total_tokens":22,'
+    b'"completion_tokens":1,"completion_tokens_details":null}}\n\n'
+    + _HEAD + b'"choices":[{"index":0,"delta":{"content":" Pack"},"logprobs":null,'
+    b'"finish_reason":"length","stop_reason":null,"token_ids":null}],"usage":{"prompt_tokens":21,'
+    b'"total_tokens":23,"completion_tokens":2,"completion_tokens_details":null}}\n\n'
+    + _HEAD + b'"choices":[],"usage":{"prompt_tokens":21,"total_tokens":23,'
+    b'"completion_tokens":2},"system_fingerprint":"vllm-0.32.0-b8a3500c"}\n\n'
+    b"data: [DONE]\n\n"
+)
+VLLM_WITHOUT_USAGE = (
+    _HEAD + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+    b'"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}\n\n'
+    + _HEAD + b'"choices":[{"index":0,"delta":{"content":" quick"},"logprobs":null,'
+    b'"finish_reason":null,"token_ids":null}]}\n\n'
+    + _HEAD + b'"choices":[{"index":0,"delta":{"content":" Pack"},"logprobs":null,'
+    b'"finish_reason":"length","stop_reason":null,"token_ids":null}],'
+    b'"system_fingerprint":"vllm-0.32.0-b8a3500c"}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def test_matches_vllm_byte_for_byte_when_usage_was_not_asked() -> None:
+    for size in (1, 50, len(VLLM_WITH_USAGE)):
+        f = StreamFilter(keep_final_usage=False, keep_continuous_usage=False)
+        assert run(f, VLLM_WITH_USAGE, size) == VLLM_WITHOUT_USAGE
+        assert f.usage == Usage(21, 2)
+
+
+def test_a_finished_choice_is_released_when_the_stream_breaks_off() -> None:
+    f = StreamFilter(keep_final_usage=False, keep_continuous_usage=False)
+    cut = VLLM_WITH_USAGE.index(b'"choices":[],')
+    upto_finish = VLLM_WITH_USAGE[: VLLM_WITH_USAGE.rindex(b"data: ", 0, cut)]
+    out = f.feed(upto_finish) + f.finish()
+    assert out.count(b"data: ") == 3 and out.endswith(b'"token_ids":null}]}\n\n')

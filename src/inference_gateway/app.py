@@ -95,7 +95,9 @@ class Gateway:
         assert self.relay is not None
         body = upstream_body(raw, payload, route.served_model)
         stream_filter = (
-            StreamFilter(payload.client_usage, payload.client_continuous_usage)
+            # vLLM ignores continuous_usage_stats without include_usage, and so does the filter.
+            StreamFilter(payload.client_usage,
+                         payload.client_usage and payload.client_continuous_usage)
             if payload.stream else None
         )
         outcome = Outcome()

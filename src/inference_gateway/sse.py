@@ -8,6 +8,7 @@ from inference_gateway.usage import Usage, usage_span
 
 _DATA = b"data: "
 _EMPTY_CHOICES = b'"choices":[]'
+_FINISHED = b'"finish_reason":"'  # a non-null finish reason; cannot occur inside a string
 DONE = b"data: [DONE]\n\n"
 
 
@@ -18,14 +19,21 @@ class StreamFilter:
     chunk carries the running token counts. What the client did not ask for is removed: the
     ``usage`` member of each chunk (unless it asked for continuous stats) and the final
     usage-only chunk (unless it asked for ``include_usage``). All other bytes pass unchanged.
+
+    One more detail keeps the stream identical to what the client would get without usage:
+    vLLM then puts the members that follow ``usage`` in the usage-only chunk (its
+    ``system_fingerprint``) on the last choice chunk instead. So a chunk that finishes a
+    choice is held until the next event shows whether it was the last one.
     """
 
-    __slots__ = ("_buffer", "_keep_continuous", "_keep_final", "done", "events", "usage")
+    __slots__ = ("_buffer", "_held", "_keep_continuous", "_keep_final", "done", "events",
+                 "usage")
 
     def __init__(self, keep_final_usage: bool, keep_continuous_usage: bool) -> None:
         self._keep_final = keep_final_usage
         self._keep_continuous = keep_continuous_usage
         self._buffer = b""
+        self._held: bytes | None = None  # a choice-finishing chunk, see the class docstring
         self.usage: Usage | None = None
         self.events = 0  # data events passed to the client
         self.done = False  # the closing [DONE] arrived; it is held back, see ``feed``
@@ -50,21 +58,23 @@ class StreamFilter:
         if self._keep_final and self._keep_continuous:
             self._observe_all(complete)
             return complete
-        out = []
+        out: list[bytes] = []
         for event in complete.split(b"\n\n")[:-1]:
-            kept = self._event(event)
-            if kept is not None:
-                out.append(kept)
-                out.append(b"\n\n")
+            self._event(event, out)
+        if self.done:
+            self._release(out)
         return b"".join(out)
 
     def finish(self) -> bytes:
         """Whatever is left when the upstream closes (an unterminated last event)."""
         rest, self._buffer = self._buffer, b""
-        if not rest.strip():
-            return rest
-        kept = self._event(rest)
-        return kept if kept is not None else b""
+        out: list[bytes] = []
+        if rest.strip():
+            self._event(rest, out)
+            if out and out[-1] == b"\n\n" and not rest.endswith(b"\n\n"):
+                out.pop()
+        self._release(out)
+        return b"".join(out)
 
     def _observe_all(self, complete: bytes) -> None:
         for event in complete.split(b"\n\n")[:-1]:
@@ -83,21 +93,47 @@ class StreamFilter:
             self.usage = usage
         return start, end
 
-    def _event(self, event: bytes) -> bytes | None:
+    def _release(self, out: list[bytes], trailing: bytes = b"") -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        if trailing and held.endswith(b"}"):
+            held = held[:-1] + trailing + b"}"
+        out.append(held)
+        out.append(b"\n\n")
+
+    def _event(self, event: bytes, out: list[bytes]) -> None:
         if not event.startswith(_DATA) or event[6:7] != b"{":
+            self._release(out)
             if event.startswith(_DATA):
                 self.events += 1
-            return event
+            out.append(event)
+            out.append(b"\n\n")
+            return
         span = self._read_usage(event)
-        if span is None:
-            self.events += 1
-            return event
-        if _EMPTY_CHOICES in event and not self._keep_final:
-            return None  # the usage-only chunk the client did not ask for
-        if not self._keep_continuous and _EMPTY_CHOICES not in event:
+        if span is not None and _EMPTY_CHOICES in event:
+            if not self._keep_final:
+                # The usage-only chunk the client did not ask for: drop it, and give what
+                # followed its usage back to the last choice chunk.
+                self._release(out, _members_after(event, span[1]))
+                return
+        elif span is not None and not self._keep_continuous:
             event = _cut(event, *span)
+        self._release(out)
         self.events += 1
-        return event
+        if not self._keep_final and _FINISHED in event:
+            self._held = event
+            return
+        out.append(event)
+        out.append(b"\n\n")
+
+
+def _members_after(event: bytes, end: int) -> bytes:
+    """The object members after position ``end`` (a member's end), with their leading comma."""
+    tail = event[end:].rstrip()
+    if tail.endswith(b"}"):
+        tail = tail[:-1]
+    return tail if tail.lstrip().startswith(b",") else b""
 
 
 def _cut(event: bytes, start: int, end: int) -> bytes:
