@@ -83,6 +83,8 @@ class Meter:
 
     async def start(self) -> None:
         self.spool.open()
+        if self.spool.has_pending():  # left by a process that died: replay it first
+            self._wake.set()
         self._check_disk()
         self._task = asyncio.create_task(self._run(), name="usage-writer")
 
@@ -126,7 +128,8 @@ class Meter:
             now = time.monotonic()
             if now - last_scan >= ORPHAN_SCAN_INTERVAL_SEC:
                 last_scan = now
-                self.spool.claim_orphans()
+                if self.spool.claim_orphans():
+                    self._idle.clear()
             if now - last_disk >= DISK_CHECK_INTERVAL_SEC:
                 last_disk = now
                 self._check_disk()

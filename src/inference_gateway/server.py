@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import time
 
 from aiohttp import web
 
@@ -81,12 +83,18 @@ def serve(settings: Settings) -> int:
 
 
 def _supervise(settings: Settings) -> int:
+    """Start the workers, restart one that dies, and pass SIGTERM/SIGINT on to all of them.
+
+    A restarted worker claims the spool segments its predecessor left, so a worker crash loses
+    no usage record.
+    """
     ctx = multiprocessing.get_context("fork")
-    workers = [
-        ctx.Process(target=run_worker, args=(settings,), name=f"worker-{i}")
-        for i in range(settings.webserver_workers)
-    ]
     stopping = False
+
+    def spawn(i: int) -> multiprocessing.process.BaseProcess:
+        worker = ctx.Process(target=run_worker, args=(settings,), name=f"worker-{i}")
+        worker.start()
+        return worker
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -97,14 +105,19 @@ def _supervise(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.start()
-    exit_code = 0
-    for worker in workers:
-        worker.join()
-        if worker.exitcode and not stopping:
-            log.error("%s exited with %s", worker.name, worker.exitcode)
-            exit_code = 1
-    if exit_code:
-        print("inference-gateway: a worker failed", file=sys.stderr)
-    return exit_code
+    workers = [spawn(i) for i in range(settings.webserver_workers)]
+    failed = False
+    while any(w.is_alive() for w in workers):
+        multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()],
+                                        timeout=1.0)
+        for i, worker in enumerate(workers):
+            if worker.is_alive() or stopping or worker.exitcode is None:
+                continue
+            log.error("%s exited with %s; starting a new one", worker.name, worker.exitcode)
+            failed = True
+            time.sleep(0.5)  # do not spin if every start fails
+            workers[i] = spawn(i)
+    if failed and not stopping:
+        print("inference-gateway: workers failed", file=sys.stderr)
+        return 1
+    return 0

@@ -115,3 +115,29 @@ def test_spool_status_command_reports_pending(tmp_path: Path, cluster) -> None: 
 
 
 _ = (Proc, aiohttp)
+
+
+def test_crashed_worker_is_replaced_and_its_records_replayed(  # type: ignore[no-untyped-def]
+    cluster, tmp_path: Path
+) -> None:
+    sim = start_simulator(tmp_path)
+    # A flush interval far longer than the test: only a replay can bring these rows in.
+    gateway = start_gateway(tmp_path, cluster.url, sim.url, WEBSERVER_WORKERS="2",
+                            USAGE_FLUSH_INTERVAL_MS="600000", USAGE_BATCH_SIZE="100000")
+    try:
+        ok = asyncio.run(fire(gateway.url, "worker-crash", CHAT, total=40, concurrency=4))
+        assert len(ok) == 40
+        assert asyncio.run(stored(cluster.url, "worker-crash")) == []
+        children = Path(f"/proc/{gateway.popen.pid}/task/{gateway.popen.pid}/children")
+        workers = [int(p) for p in children.read_text().split()]
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        rows = asyncio.run(wait_count(cluster.url, "worker-crash", 40, timeout=30))
+        assert sorted(str(r["request_id"]) for r in rows) == sorted(ok)
+        wait_http(f"{gateway.url}/ready", gateway.popen)
+        assert len(asyncio.run(fire(gateway.url, "after-crash", CHAT, total=5,
+                                    concurrency=1))) == 5
+    finally:
+        gateway.stop()
+        sim.stop()
