@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from inference_gateway.billing import start_reporter
 from inference_gateway.config import Settings
 from inference_gateway.errors import GatewayError, error_response
 from inference_gateway.metering import Meter
@@ -25,7 +26,8 @@ from inference_gateway.payload import parse, upstream_body
 from inference_gateway.relay import CLIENT_CLOSED, Outcome, Relay
 from inference_gateway.routing import Router
 from inference_gateway.sse import StreamFilter
-from inference_gateway.tenancy import Tenant, tenant_from_headers
+from inference_gateway.tenancy import Tenant
+from inference_gateway.tenant_caches import TenantCaches
 from inference_gateway.usage import UsageRecord, new_request_id
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class Gateway:
         self.settings = settings
         self.router = Router(settings.model_service_port_map, settings.model_rewrites)
         self.meter = meter or Meter(settings)
+        self.tenants = TenantCaches(settings)
         self.relay: Relay | None = None
         self.ready = False
         self.started = int(time.time())
@@ -70,7 +73,8 @@ class Gateway:
         return model
 
     def identify(self, request: web.Request) -> Tenant:
-        return tenant_from_headers(request.headers)
+        """The request's tenant, from in-memory caches only (see ``tenancy``)."""
+        return self.tenants.identify(request.headers)
 
     # -- handlers -------------------------------------------------------------------------------
 
@@ -206,6 +210,7 @@ class Gateway:
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         settings = self.settings
+        reporter = start_reporter(settings)  # first: it rejects incomplete sink settings
         connector = aiohttp.TCPConnector(
             limit=settings.upstream_max_connections, keepalive_timeout=60, ttl_dns_cache=300
         )
@@ -222,13 +227,17 @@ class Gateway:
         )
         self.relay = Relay(session)
         await self.meter.start()
+        await self.tenants.start()
         readiness = asyncio.create_task(self._watch_readiness(), name="readiness")
         try:
             yield
         finally:
-            readiness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await readiness
+            for task in (readiness, reporter):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            await self.tenants.close()
             await session.close()
             await self.meter.close()
 

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     org_auth_enabled: bool = False
     org_auth_cache_refresh_interval_sec: float = Field(default=10.0, gt=0)
     auth_mode: Literal["headers", "keys", "either"] = "either"
+    api_key_cache_refresh_interval_sec: float = Field(default=10.0, gt=0)
 
     migrate_on_start: bool = True
     max_request_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
@@ -82,6 +83,9 @@ class Settings(BaseSettings):
     queue_conn_url: str | None = None
     billing_queue_name: str = "billing_usage"
     billing_webhook_url: str | None = None
+    billing_grace_sec: float = Field(default=300.0, ge=0)  # wait this long after an hour ends
+    billing_webhook_timeout_sec: float = Field(default=10.0, gt=0)
+    billing_webhook_retries: int = Field(default=4, ge=0)
 
     log_level: str = "INFO"
 
