@@ -49,12 +49,25 @@ def admin_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url(admin_url: str) -> str:
-    """A fresh database for this test session, migrated."""
-    url = _with_db(admin_url, "gateway_test")
-    asyncio.run(_recreate(admin_url, "gateway_test"))
+def database_url(admin_url: str) -> Iterator[str]:
+    """A fresh database for this test session, migrated, dropped at the end.
+
+    Named after the process so that two test runs against one cluster do not collide.
+    """
+    name = f"gateway_test_{os.getpid()}"
+    url = _with_db(admin_url, name)
+    asyncio.run(_recreate(admin_url, name))
     asyncio.run(migrate(url))
-    return url
+    yield url
+    asyncio.run(_drop(admin_url, name))
+
+
+async def _drop(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
 
 
 @pytest.fixture(scope="session")

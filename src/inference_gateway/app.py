@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import asyncpg
 import orjson
 from aiohttp import web
@@ -138,7 +137,7 @@ class Gateway:
 
         try:
             return await self.relay.forward(
-                request, route.upstream + request.path_qs, body, outcome, headers, stream_filter,
+                request, route.upstream, body, outcome, headers, stream_filter,
                 finish,
             )
         except asyncio.CancelledError:
@@ -211,21 +210,8 @@ class Gateway:
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         settings = self.settings
         reporter = start_reporter(settings)  # first: it rejects incomplete sink settings
-        connector = aiohttp.TCPConnector(
-            limit=settings.upstream_max_connections, keepalive_timeout=60, ttl_dns_cache=300
-        )
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.upstream_connect_timeout_sec,
-            sock_read=settings.upstream_timeout_sec,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        )
-        self.relay = Relay(session)
+        self.relay = Relay(self.router.upstreams(), settings.upstream_connect_timeout_sec,
+                           settings.upstream_timeout_sec, settings.upstream_max_connections)
         await self.meter.start()
         await self.tenants.start()
         readiness = asyncio.create_task(self._watch_readiness(), name="readiness")
@@ -238,7 +224,7 @@ class Gateway:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             await self.tenants.close()
-            await session.close()
+            self.relay.close()
             await self.meter.close()
 
 

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     upstream_connect_timeout_sec: float = Field(default=5.0, gt=0)
     upstream_timeout_sec: float = Field(default=600.0, gt=0)
-    upstream_max_connections: int = Field(default=1000, ge=1)
+    upstream_max_connections: int = Field(default=1000, ge=1)  # idle keep-alive, per server
 
     usage_batch_size: int = Field(default=1000, ge=1, le=100_000)
     usage_flush_interval_ms: int = Field(default=200, ge=1)

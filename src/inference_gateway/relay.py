@@ -6,16 +6,15 @@ timings, whether the client went away) and the caller turns that into a usage re
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from inference_gateway.errors import error_body
 from inference_gateway.sse import DONE, StreamFilter
+from inference_gateway.upstream import Pool, Response, UpstreamError, UpstreamTimeout
 from inference_gateway.usage import Usage, read_usage
 
 # Response headers that describe one hop's connection, not the response itself.
@@ -26,6 +25,7 @@ _HOP_BY_HOP = frozenset(
         "Date", "Server", "Proxy-Authenticate", "Trailer", "Upgrade",
     )
 )
+_REQUEST_HEADERS = [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
 CLIENT_CLOSED = 499  # as nginx logs a request whose client went away before the answer
 
 
@@ -36,108 +36,111 @@ class Outcome:
     status: int = 0
     usage: Usage | None = None
     disconnected: bool = False
-    first_byte_at: float | None = None  # monotonic time of the first upstream byte
-    reached_upstream: bool = False
+    first_byte_at: float | None = None  # monotonic time the upstream's answer began
 
 
-def _copy_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> dict[str, str]:
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
-    headers.update(extra)
+def _copy_headers(upstream: Response, extra: dict[str, str]) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP_BY_HOP]
+    headers.extend(extra.items())
     return headers
 
 
-def _failure(exc: BaseException) -> tuple[int, str, str]:
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+def _failure(exc: UpstreamError) -> tuple[int, str, str]:
+    if isinstance(exc, UpstreamTimeout):
         return 504, "the model server did not answer in time", "upstream_timeout"
     return 502, f"the model server could not be reached: {exc}", "upstream_unreachable"
 
 
 class Relay:
-    """One pooled, keep-alive client session per process, shared by every request."""
+    """One pool of keep-alive connections per model server, shared by a process's requests."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+    def __init__(self, upstreams: Iterable[str], connect_timeout: float, read_timeout: float,
+                 max_idle: int = 1000) -> None:
+        self.pools = {
+            url: Pool(url, connect_timeout, read_timeout, max_idle) for url in upstreams
+        }
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
 
     async def forward(
         self,
         request: web.Request,
-        url: str,
+        upstream: str,
         body: bytes,
         outcome: Outcome,
         response_headers: dict[str, str],
         stream_filter: StreamFilter | None,
         finish: Callable[[], None],
     ) -> web.StreamResponse:
-        """Send ``body`` to ``url`` and relay the answer; ``outcome`` is filled as it goes.
+        """POST ``body`` to the same path on ``upstream``; relay the answer, filling ``outcome``.
 
         ``finish`` is called once the outcome is complete and before the client has the last
         byte of the answer, so whatever it records cannot be lost to a crash after the client
         was answered.
         """
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         try:
-            upstream = await self.session.post(url, data=body, headers=headers)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            answer = await self.pools[upstream].post(request.path_qs, body, _REQUEST_HEADERS)
+        except UpstreamError as exc:
             status, message, code = _failure(exc)
             outcome.status = status
             return _json(status, error_body(status, message, code=code), response_headers)
-        outcome.reached_upstream = True
         outcome.first_byte_at = time.monotonic()
         try:
-            is_sse = upstream.content_type == "text/event-stream"
-            if stream_filter is not None and is_sse and upstream.status == 200:
-                return await self._stream(request, upstream, outcome, response_headers,
+            if (stream_filter is not None and answer.status == 200
+                    and answer.content_type == "text/event-stream"):
+                return await self._stream(request, answer, outcome, response_headers,
                                           stream_filter, finish)
             try:
-                data = await upstream.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                data = await answer.read()
+            except UpstreamError as exc:
                 status, message, code = _failure(exc)
                 outcome.status = status
                 return _json(status, error_body(status, message, code=code), response_headers)
-            outcome.status = upstream.status
-            if upstream.status < 300:
+            outcome.status = answer.status
+            if answer.status < 300:
                 outcome.usage = read_usage(data)
             finish()  # the response is sent after the handler returns
-            return web.Response(status=upstream.status, body=data,
-                                headers=_copy_headers(upstream, response_headers))
+            return web.Response(status=answer.status, reason=answer.reason or None, body=data,
+                                headers=_copy_headers(answer, response_headers))
         finally:
-            # On any early exit (client gone, error) this closes the upstream connection, so
-            # the model server stops generating; after a full read it returns to the pool.
-            if upstream.content.is_eof():
-                upstream.release()
-            else:
-                upstream.close()
+            # After a whole body this returns the connection to the pool; on any early exit
+            # (client gone, error) it closes it, which makes vLLM abort the generation.
+            answer.release()
 
     async def _stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        answer: Response,
         outcome: Outcome,
         response_headers: dict[str, str],
         stream_filter: StreamFilter,
         finish: Callable[[], None],
     ) -> web.StreamResponse:
-        outcome.status = upstream.status
-        response = web.StreamResponse(
-            status=upstream.status, headers=_copy_headers(upstream, response_headers)
-        )
+        outcome.status = answer.status
+        response = web.StreamResponse(status=answer.status,
+                                      headers=_copy_headers(answer, response_headers))
         try:
             await response.prepare(request)
             try:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in answer.iter_chunks():
                     out = stream_filter.feed(chunk)
                     if out:
                         await response.write(out)
                     outcome.usage = stream_filter.usage
-            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                if isinstance(exc, ConnectionResetError):
-                    raise
+            except UpstreamError as exc:
                 # The model server broke off mid-stream: tell the client in-band, as vLLM does.
                 status, message, code = _failure(exc)
                 outcome.status = status
                 await response.write(
-                    b"data: " + error_body(status, message, code=code) + b"\n\ndata: [DONE]\n\n"
+                    stream_filter.finish()
+                    + b"data: " + error_body(status, message, code=code) + b"\n\n" + DONE
                 )
+                outcome.usage = stream_filter.usage
+                finish()
+                await response.write_eof()
+                return response
             rest = stream_filter.finish()
             if rest:
                 await response.write(rest)

@@ -1,0 +1,140 @@
+"""The upstream HTTP/1.1 client against raw sockets that answer exactly as scripted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from inference_gateway.upstream import Pool, UpstreamError, UpstreamTimeout
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head + await reader.readexactly(length)
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+async def test_content_length_and_keep_alive(serve) -> None:  # type: ignore[no-untyped-def]
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                request = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            body = request.split(b"\r\n\r\n", 1)[1]
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                         b"X-Extra: yes\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    pool = Pool(await serve(handler), 1, 5)
+    for i in range(3):
+        answer = await pool.post("/v1/x?q=1", b'{"n": %d}' % i, [("Content-Type", "a/b")])
+        assert answer.status == 201 and answer.reason == "Created"
+        assert answer.header("x-extra") == "yes" and answer.content_type == "application/json"
+        assert await answer.read() == b'{"n": %d}' % i
+    assert connections == 1
+    pool.close()
+
+
+async def test_chunked_stream_arrives_chunk_by_chunk(serve) -> None:  # type: ignore[no-untyped-def]
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"6\r\ndata: \r\n")
+        await release.wait()
+        writer.write(b"3;ext=1\r\nabc\r\n0\r\n\r\n")
+
+    pool = Pool(await serve(handler), 1, 5)
+    answer = await pool.post("/", b"{}", [])
+    assert answer.content_type == "text/event-stream"
+    chunks = answer.iter_chunks()
+    assert await chunks.__anext__() == b"data: "  # before the rest has been sent
+    release.set()
+    assert [c async for c in chunks] == [b"abc"]
+    pool.close()
+
+
+async def test_stale_keep_alive_connection_is_retried_once(serve) -> None:  # type: ignore[no-untyped-def]
+    served = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await read_request(reader)
+        served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # the server closes the idle connection, as uvicorn does after 5 s
+
+    pool = Pool(await serve(handler), 1, 5)
+    assert await (await pool.post("/", b"{}", [])).read() == b"ok"
+    await asyncio.sleep(0.2)
+    assert await (await pool.post("/", b"{}", [])).read() == b"ok"
+    assert served == 2
+    pool.close()
+
+
+async def test_read_timeout(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    pool = Pool(await serve(handler), 1, 0.3)
+    with pytest.raises(UpstreamTimeout):
+        await pool.post("/", b"{}", [])
+    pool.close()
+
+
+async def test_unreachable_and_broken_answers(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+        await writer.drain()
+        writer.close()
+
+    pool = Pool(await serve(handler), 1, 5)
+    answer = await pool.post("/", b"{}", [])
+    with pytest.raises(UpstreamError):
+        await answer.read()
+    pool.close()
+
+    closed = Pool("http://127.0.0.1:9", 1, 5)
+    with pytest.raises(UpstreamError):
+        await closed.post("/", b"{}", [])
+    closed.close()
+
+
+async def test_close_delimited_body(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    pool = Pool(await serve(handler), 1, 5)
+    assert await (await pool.post("/", b"{}", [])).read() == b"all of it"
+    pool.close()
