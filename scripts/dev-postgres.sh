@@ -72,4 +72,17 @@ fi
 
 url="postgresql://postgres@127.0.0.1:$port/$db"
 printf 'DATABASE_URL=%s\n' "$url" >"$root/.dev/env"
+
+# A queue database with PGMQ for the billing reporter's pgmq sink. PGMQ is not packaged for
+# Debian; the pgmq Python package carries its SQL-only install.
+queues_url="postgresql://postgres@127.0.0.1:$port/queues"
+if [ -z "$(psql_pg -c "SELECT 1 FROM pg_database WHERE datname = 'queues'")" ]; then
+  psql_pg -c 'CREATE DATABASE queues'
+fi
+if [ -x "$root/.venv/bin/python" ] && \
+   [ -z "$("$pgbin/psql" "$queues_url" -qAtX -c "SELECT 1 FROM pg_namespace WHERE nspname = 'pgmq'")" ]; then
+  "$root/.venv/bin/python" -c 'import pgmq, sys; pgmq.install_pgmq_from_sql(dsn=sys.argv[1])' \
+    "$queues_url" >/dev/null 2>&1 || echo "dev-postgres: could not install PGMQ into 'queues'" >&2
+fi
+printf 'QUEUE_CONN_URL=%s\n' "$queues_url" >>"$root/.dev/env"
 echo "dev-postgres: ready at $url"
