@@ -342,3 +342,21 @@ def test_malformed_setting_names_the_variable(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "WEBSERVER_PORT" in result.stderr and "MODEL_SERVICE_PORT_MAP" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_refuses_with_503_rather_than_serve_unmetered(
+    session_tmp: Path, database_url: str, simulator: Proc, tenant: tuple[str, str]
+) -> None:
+    # A disk-space floor no disk can meet: the spool counts as full from the start.
+    gateway = start_gateway(session_tmp, database_url, simulator.url,
+                            SPOOL_MIN_FREE_BYTES=str(2**62))
+    try:
+        status, _, raw = post(
+            f"{gateway.url}/v1/chat/completions",
+            b'{"model": "facebook/opt-125m", "messages": [{"role": "user", "content": "x"}]}',
+            {"X-TEMBO-ORG": tenant[0], "X-TEMBO-INSTANCE": tenant[1]},
+        )
+        assert status == 503
+        assert assert_openai_error(raw, 503)["code"] == "metering_unavailable"
+    finally:
+        gateway.stop()

@@ -1,0 +1,117 @@
+"""The meter's policies with a writer that fails on purpose: rejects, outages, a full spool."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from inference_gateway.config import load_settings
+from inference_gateway.metering import Meter
+from inference_gateway.spool import DEAD_LETTER_FILE
+from inference_gateway.usage import UsageRecord
+from inference_gateway.writer import WriteResult
+
+
+def record(i: int) -> UsageRecord:
+    return UsageRecord(f"00000000-0000-4000-8000-{i:012d}", "o", "i", "m", "m", "/v1/x",
+                       i, 1, 200, False, False, 1, 1, 1000.0, 1001.0)
+
+
+class FlakyWriter:
+    """Refuses everything while ``down``; rejects records whose prompt_tokens are in ``bad``."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.bad: set[int] = set()
+        self.stored: list[UsageRecord] = []
+
+    async def write(self, records: list[UsageRecord]) -> WriteResult:
+        if self.down:
+            raise ConnectionRefusedError("postgres is down")
+        rejected = [(r, "check violation") for r in records if r.prompt_tokens in self.bad]
+        good = [r for r in records if r.prompt_tokens not in self.bad]
+        self.stored.extend(good)
+        return WriteResult(len(good), rejected)
+
+    async def ping(self) -> None:
+        if self.down:
+            raise ConnectionRefusedError("postgres is down")
+
+    async def close(self) -> None:
+        pass
+
+
+def make_meter(tmp_path: Path, writer: FlakyWriter, **overrides: object) -> Meter:
+    settings = load_settings(spool_dir=tmp_path, usage_flush_interval_ms=10,
+                             writer_max_backoff_sec=0.05, **overrides)
+    return Meter(settings, writer)
+
+
+async def test_rejected_record_goes_to_dead_letters_and_does_not_block(tmp_path: Path) -> None:
+    writer = FlakyWriter()
+    writer.bad = {3}
+    meter = make_meter(tmp_path, writer)
+    await meter.start()
+    for i in range(6):
+        meter.submit(record(i))
+    assert await meter.flush(5)
+    await meter.close()
+    assert [r.prompt_tokens for r in writer.stored] == [0, 1, 2, 4, 5]
+    [line] = (tmp_path / DEAD_LETTER_FILE).read_text().splitlines()
+    entry = json.loads(line)
+    assert entry["reason"] == "check violation" and '"prompt_tokens":3' in entry["line"]
+    assert meter.spool.stats.dead_letters == 1
+
+
+async def test_outage_keeps_records_until_the_writer_recovers(tmp_path: Path) -> None:
+    writer = FlakyWriter()
+    writer.down = True
+    meter = make_meter(tmp_path, writer)
+    await meter.start()
+    for i in range(50):
+        meter.submit(record(i))
+    assert not await meter.flush(0.3)
+    assert writer.stored == [] and meter.health.database_ok is False
+    writer.down = False
+    assert await meter.flush(5)
+    await meter.close()
+    assert [r.prompt_tokens for r in writer.stored] == list(range(50))
+
+
+async def test_refuse_policy_answers_503_once_the_cap_is_reached(tmp_path: Path) -> None:
+    writer = FlakyWriter()
+    writer.down = True
+    meter = make_meter(tmp_path, writer, spool_full_policy="refuse", spool_max_bytes=4096)
+    await meter.start()
+    while meter.spool.pending_bytes() < 4096:
+        meter.submit(record(1))
+    meter._check_disk()
+    assert not meter.accepting()
+    writer.down = False
+    assert await meter.flush(5)
+    meter._check_disk()
+    assert meter.accepting()
+    await meter.close()
+
+
+async def test_drop_policy_keeps_serving_and_counts(tmp_path: Path) -> None:
+    writer = FlakyWriter()
+    writer.down = True
+    meter = make_meter(tmp_path, writer, spool_full_policy="drop", spool_max_bytes=4096)
+    await meter.start()
+    while meter.spool.pending_bytes() < 4096:
+        meter.submit(record(1))
+    meter._check_disk()
+    assert meter.accepting()
+    meter.submit(record(2))
+    assert meter.spool.stats.dropped == 1
+    writer.down = False
+    await meter.close()
+
+
+async def test_spill_policy_refuses_only_under_the_disk_floor(tmp_path: Path) -> None:
+    meter = make_meter(tmp_path, FlakyWriter(), spool_max_bytes=4096,
+                       spool_min_free_bytes=2**62)  # more free space than any disk has
+    await meter.start()
+    assert not meter.accepting()
+    await meter.close()
