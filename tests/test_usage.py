@@ -44,5 +44,3 @@ def test_record_round_trips_through_json() -> None:
     record = UsageRecord("6f1c1c5e-2b0a-4c59-9d8e-0f6e2f3d7a10", "o", "i", "m", "alias",
                          "/v1/completions", 1, 2, 200, True, False, 12, 3, 1.5, 2.5)
     assert UsageRecord.from_json(record.to_json()) == record
-    row = record.to_row()
-    assert len(row) == 15 and str(row[0]) == record.request_id

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -54,3 +56,36 @@ async def test_rejected_records_are_isolated(database_url: str) -> None:
     assert [r.request_id for r, _ in result.rejected] == [bad[0].request_id]
     assert "check" in result.rejected[0][1].lower()
     assert await count(database_url, org) == 10
+
+
+async def test_times_and_ids_are_stored_exactly(database_url: str) -> None:
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    [record] = records(1, org, started_at=1_790_000_000.123456, completed_at=1_790_000_001.5)
+    writer = PostgresWriter(database_url)
+    try:
+        await writer.write([record])
+    finally:
+        await writer.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetchrow(
+            "SELECT request_id::text, extract(epoch FROM started_at)::numeric AS s, "
+            "completed_at::text AS c FROM inference.requests WHERE organization_id = $1", org)
+    finally:
+        await conn.close()
+    assert stored["request_id"] == record.request_id
+    assert float(stored["s"]) == 1_790_000_000.123456
+    expected = datetime.fromtimestamp(1_790_000_001.5, UTC).strftime("%Y-%m-%d %H:%M:%S.5+00")
+    assert stored["c"] == expected
+
+
+async def test_a_malformed_id_is_rejected_alone(database_url: str) -> None:
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    batch = records(3, org)
+    bad = dataclasses.replace(batch[1], request_id="not-a-uuid")
+    writer = PostgresWriter(database_url)
+    try:
+        result = await writer.write([batch[0], bad, batch[2]])
+    finally:
+        await writer.close()
+    assert result.inserted == 2 and [r.request_id for r, _ in result.rejected] == ["not-a-uuid"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -48,26 +47,6 @@ class UsageRecord:
     def from_json(cls, data: bytes) -> UsageRecord:
         fields: dict[str, Any] = orjson.loads(data)
         return cls(**fields)
-
-    def to_row(self) -> tuple[object, ...]:
-        """The record as a row in the column order of ``COLUMNS``."""
-        return (
-            uuid.UUID(self.request_id),
-            self.organization_id,
-            self.instance_id,
-            self.model,
-            self.requested_model,
-            self.endpoint,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.status,
-            self.streamed,
-            self.disconnected,
-            self.duration_ms,
-            self.ttfb_ms,
-            datetime.fromtimestamp(self.started_at, UTC),
-            datetime.fromtimestamp(self.completed_at, UTC),
-        )
 
 
 COLUMNS = (

@@ -33,11 +33,40 @@ _REJECTING_CLASSES = ("22", "23")
 _UNIQUE_VIOLATION = "23505"
 
 
-class RecordRejected(Exception):
-    """Postgres refuses this data; writing it again will not help."""
+_PG_EPOCH = 946_684_800  # 2000-01-01 in Unix time: where Postgres counts timestamps from
+
+
+def row(record: UsageRecord) -> tuple[object, ...]:
+    """The record as a row in the order of ``COLUMNS``, in the types ``configure`` expects.
+
+    Times stay floats and the id a string: the connection's codecs encode them directly, which
+    costs less than building ``datetime`` and ``UUID`` objects for every row.
+    """
+    return (
+        record.request_id, record.organization_id, record.instance_id, record.model,
+        record.requested_model, record.endpoint, record.prompt_tokens,
+        record.completion_tokens, record.status, record.streamed, record.disconnected,
+        record.duration_ms, record.ttfb_ms, record.started_at, record.completed_at,
+    )
+
+
+def _encode_time(seconds: float) -> tuple[int]:
+    return (round((seconds - _PG_EPOCH) * 1_000_000),)
+
+
+def _decode_time(value: tuple[int]) -> float:
+    return value[0] / 1_000_000 + _PG_EPOCH
+
+
+async def configure(conn: asyncpg.Connection) -> None:
+    """Let this connection take timestamps as Unix-time floats (see ``row``)."""
+    await conn.set_type_codec("timestamptz", schema="pg_catalog", encoder=_encode_time,
+                              decoder=_decode_time, format="tuple")
 
 
 def is_rejection(exc: BaseException) -> bool:
+    if isinstance(exc, ValueError | TypeError | OverflowError):
+        return True  # the row could not even be encoded
     sqlstate = getattr(exc, "sqlstate", None)
     return isinstance(sqlstate, str) and sqlstate[:2] in _REJECTING_CLASSES
 
@@ -58,6 +87,7 @@ class PostgresWriter:
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(self._dsn, timeout=5)
+            await configure(self._conn)
             await self._conn.execute(_STAGING_DDL)
         return self._conn
 
@@ -68,7 +98,7 @@ class PostgresWriter:
         good: list[UsageRecord] = []
         for record in records:
             try:
-                rows.append(record.to_row())
+                rows.append(row(record))
                 good.append(record)
             except (ValueError, TypeError, OverflowError) as exc:
                 rejected.append((record, f"cannot convert: {exc}"))
