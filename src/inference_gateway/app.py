@@ -19,6 +19,7 @@ from aiohttp import web
 from inference_gateway.billing import start_reporter
 from inference_gateway.config import Settings
 from inference_gateway.errors import GatewayError, error_response
+from inference_gateway.maintenance import run_scheduler
 from inference_gateway.metering import Meter
 from inference_gateway.migrate import pending_migrations
 from inference_gateway.payload import parse, upstream_body
@@ -215,10 +216,14 @@ class Gateway:
         await self.meter.start()
         await self.tenants.start()
         readiness = asyncio.create_task(self._watch_readiness(), name="readiness")
+        scheduler = None
+        if settings.run_maintenance_scheduler:
+            # One process holds the scheduler lock; it stands by while pg_cron is in charge.
+            scheduler = asyncio.create_task(run_scheduler(settings), name="maintenance")
         try:
             yield
         finally:
-            for task in (readiness, reporter):
+            for task in (readiness, reporter, scheduler):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

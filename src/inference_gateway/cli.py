@@ -42,9 +42,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway.migrate import migrate
+    from inference_gateway.migrate import prepare_database
 
-    applied = asyncio.run(migrate(settings.database_url))
+    applied = asyncio.run(prepare_database(settings))
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     return 0
 
@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_tenant_commands(sub)
     _add_billing_commands(sub)
+    from inference_gateway.maintenance import register
+
+    register(sub)
     return parser
 
 
@@ -255,3 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, settings)
     except KeyboardInterrupt:
         return 130
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # The database (or a port) is not there: say so in one line, not a traceback.
+        print(f"inference-gateway: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     retention_keep_table: bool = False  # true: detach old partitions instead of dropping them
     maintenance_schedule: str = "0 2 * * *"  # cron syntax, GMT
     maintenance_warn_after_sec: float = Field(default=300.0, gt=0)
+    run_maintenance_scheduler: bool = True  # where pg_cron is missing, the gateway runs it
 
     # Billing reporter.
     run_billing_reporter: bool = False

@@ -13,6 +13,8 @@ from importlib import resources
 
 import asyncpg
 
+from inference_gateway.config import Settings
+
 log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x1A7E6A7E  # any constant shared by every gateway process
@@ -84,6 +86,19 @@ async def migrate(dsn: str) -> list[str]:
                 applied.append(migration.version)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    finally:
+        await conn.close()
+    return applied
+
+
+async def prepare_database(settings: Settings) -> list[str]:
+    """Migrate, then hand the maintenance settings (retention, schedule) to the database."""
+    from inference_gateway.maintenance import apply_maintenance_settings
+
+    applied = await migrate(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        await apply_maintenance_settings(conn, settings)
     finally:
         await conn.close()
     return applied

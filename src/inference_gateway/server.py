@@ -63,9 +63,9 @@ def run_worker(settings: Settings) -> None:
 
 
 async def _prepare_database(settings: Settings) -> None:
-    from inference_gateway.migrate import migrate
+    from inference_gateway.migrate import prepare_database
 
-    applied = await migrate(settings.database_url)
+    applied = await prepare_database(settings)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
 
