@@ -112,3 +112,41 @@ def test_a_finished_choice_is_released_when_the_stream_breaks_off() -> None:
     upto_finish = VLLM_WITH_USAGE[: VLLM_WITH_USAGE.rindex(b"data: ", 0, cut)]
     out = f.feed(upto_finish) + f.finish()
     assert out.count(b"data: ") == 3 and out.endswith(b'"token_ids":null}]}\n\n')
+
+
+def two_choices(with_usage: bool) -> bytes:
+    """An n=2 stream as vLLM sends it with usage on, or (without) as a client gets it directly."""
+    fp = b',"system_fingerprint":"vllm-0.32.0-b8a3500c"'
+
+    def c(i: int, text: str, finish: bool) -> bytes:
+        reason = b'"length"' if finish else b"null"
+        body = (_HEAD + b'"choices":[{"index":%d,"delta":{"content":"%s"},"finish_reason":%s}]'
+                % (i, text.encode(), reason))
+        if with_usage:
+            body += b',"usage":{"prompt_tokens":3,"total_tokens":4,"completion_tokens":1}'
+        elif finish:
+            body += fp
+        return body + b"}\n\n"
+
+    events = c(0, "a", False) + c(1, "b", False) + c(0, "c", True) + c(1, "d", False) + c(
+        1, "e", True)
+    if with_usage:
+        events += (_HEAD + b'"choices":[],"usage":{"prompt_tokens":3,"total_tokens":7,'
+                   b'"completion_tokens":4}' + fp + b"}\n\n")
+    return events + b"data: [DONE]\n\n"
+
+
+def test_every_finished_choice_gets_the_fingerprint_back() -> None:
+    first = StreamFilter(keep_final_usage=False, keep_continuous_usage=False)
+    assert run(first, two_choices(True), 17) == two_choices(False)
+    assert first.learned == b',"system_fingerprint":"vllm-0.32.0-b8a3500c"'
+    # Once the server's trailer is known, a finished choice is passed on at once.
+    second = StreamFilter(keep_final_usage=False, keep_continuous_usage=False,
+                          trailer=first.learned)
+    upstream = two_choices(True)
+    upto = upstream.index(b'"content":"d"')
+    early = second.feed(upstream[: upstream.rindex(b"data: ", 0, upto)])
+    assert early.endswith(b'"finish_reason":"length"}],"system_fingerprint":'
+                          b'"vllm-0.32.0-b8a3500c"}\n\n')
+    rest = upstream[upstream.rindex(b"data: ", 0, upto):]
+    assert early + second.feed(rest) + DONE == two_choices(False)

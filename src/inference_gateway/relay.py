@@ -59,6 +59,8 @@ class Relay:
         self.pools = {
             url: Pool(url, connect_timeout, read_timeout, max_idle) for url in upstreams
         }
+        # What each server appends to a stream's usage chunk (see StreamFilter's trailer).
+        self.trailers: dict[str, bytes] = {}
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -90,8 +92,13 @@ class Relay:
         try:
             if (stream_filter is not None and answer.status == 200
                     and answer.content_type == "text/event-stream"):
-                return await self._stream(request, answer, outcome, response_headers,
-                                          stream_filter, finish)
+                stream_filter.trailer = self.trailers.get(upstream)
+                try:
+                    return await self._stream(request, answer, outcome, response_headers,
+                                              stream_filter, finish)
+                finally:
+                    if stream_filter.learned is not None:
+                        self.trailers[upstream] = stream_filter.learned
             try:
                 data = await answer.read()
             except UpstreamError as exc:

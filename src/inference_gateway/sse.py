@@ -22,18 +22,24 @@ class StreamFilter:
 
     One more detail keeps the stream identical to what the client would get without usage:
     vLLM then puts the members that follow ``usage`` in the usage-only chunk (its
-    ``system_fingerprint``) on the last choice chunk instead. So a chunk that finishes a
-    choice is held until the next event shows whether it was the last one.
+    ``system_fingerprint``) on every chunk that finishes a choice instead. Those members are
+    the same for every answer of one server, so the caller passes in the ones it saw last
+    (``trailer``) and they are added at once. Until they are known, events are held from the
+    first finishing chunk until the usage chunk shows them (for one choice, that is the very
+    next event); ``learned`` then holds them for the next stream.
     """
 
     __slots__ = ("_buffer", "_held", "_keep_continuous", "_keep_final", "done", "events",
-                 "usage")
+                 "learned", "trailer", "usage")
 
-    def __init__(self, keep_final_usage: bool, keep_continuous_usage: bool) -> None:
+    def __init__(self, keep_final_usage: bool, keep_continuous_usage: bool,
+                 trailer: bytes | None = None) -> None:
         self._keep_final = keep_final_usage
         self._keep_continuous = keep_continuous_usage
         self._buffer = b""
-        self._held: bytes | None = None  # a choice-finishing chunk, see the class docstring
+        self._held: list[bytes] = []  # events waiting for the trailer, see the class docstring
+        self.trailer = trailer
+        self.learned: bytes | None = None
         self.usage: Usage | None = None
         self.events = 0  # data events passed to the client
         self.done = False  # the closing [DONE] arrived; it is held back, see ``feed``
@@ -93,39 +99,43 @@ class StreamFilter:
             self.usage = usage
         return start, end
 
-    def _release(self, out: list[bytes], trailing: bytes = b"") -> None:
-        held, self._held = self._held, None
-        if held is None:
-            return
-        if trailing and held.endswith(b"}"):
-            held = held[:-1] + trailing + b"}"
-        out.append(held)
-        out.append(b"\n\n")
+    def _release(self, out: list[bytes]) -> None:
+        """Send the held events, the finishing ones with the trailer (when it is known)."""
+        held, self._held = self._held, []
+        for event in held:
+            out.append(self._with_trailer(event) if _FINISHED in event else event)
+            out.append(b"\n\n")
+
+    def _with_trailer(self, event: bytes) -> bytes:
+        if self.trailer and event.endswith(b"}"):
+            return event[:-1] + self.trailer + b"}"
+        return event
 
     def _event(self, event: bytes, out: list[bytes]) -> None:
-        if not event.startswith(_DATA) or event[6:7] != b"{":
-            self._release(out)
-            if event.startswith(_DATA):
-                self.events += 1
+        if event.startswith(_DATA) and event[6:7] == b"{":
+            span = self._read_usage(event)
+            if span is not None and _EMPTY_CHOICES in event:
+                if not self._keep_final:
+                    # The usage-only chunk the client did not ask for: drop it, and give what
+                    # followed its usage to the chunks that finished a choice.
+                    self.learned = self.trailer = _members_after(event, span[1])
+                    self._release(out)
+                    return
+            elif span is not None and not self._keep_continuous:
+                event = _cut(event, *span)
+            if not self._keep_final and _FINISHED in event:
+                if self.trailer is None or self._held:
+                    self._held.append(event)
+                    self.events += 1
+                    return
+                event = self._with_trailer(event)
+        if self._held:
+            self._held.append(event)
+        else:
             out.append(event)
             out.append(b"\n\n")
-            return
-        span = self._read_usage(event)
-        if span is not None and _EMPTY_CHOICES in event:
-            if not self._keep_final:
-                # The usage-only chunk the client did not ask for: drop it, and give what
-                # followed its usage back to the last choice chunk.
-                self._release(out, _members_after(event, span[1]))
-                return
-        elif span is not None and not self._keep_continuous:
-            event = _cut(event, *span)
-        self._release(out)
-        self.events += 1
-        if not self._keep_final and _FINISHED in event:
-            self._held = event
-            return
-        out.append(event)
-        out.append(b"\n\n")
+        if event.startswith(_DATA):
+            self.events += 1
 
 
 def _members_after(event: bytes, end: int) -> bytes:
