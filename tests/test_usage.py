@@ -44,3 +44,10 @@ def test_record_round_trips_through_json() -> None:
     record = UsageRecord("6f1c1c5e-2b0a-4c59-9d8e-0f6e2f3d7a10", "o", "i", "m", "alias",
                          "/v1/completions", 1, 2, 200, True, False, 12, 3, 1.5, 2.5)
     assert UsageRecord.from_json(record.to_json()) == record
+
+
+def test_braces_and_quotes_inside_usage_strings() -> None:
+    for body in (b'{"usage":{"prompt_tokens":1,"completion_tokens":2,"note":"a}b"}}',
+                 b'{"usage":{"prompt_tokens":1,"completion_tokens":2,"note":"a\\"}"}}',
+                 b'{"usage":{"prompt_tokens":1,"completion_tokens":2,"d":{"x":1}}}'):
+        assert read_usage(body) == Usage(1, 2), body

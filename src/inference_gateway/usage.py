@@ -84,6 +84,13 @@ def _as_usage(value: object) -> Usage | None:
 
 def _closing_brace(data: bytes, start: int) -> int:
     """Index just past the object that opens at ``start``, or -1. Strings are honoured."""
+    end = data.find(b"}", start)
+    if end != -1:
+        inner = data[start + 1 : end]
+        # Fast path for a flat object, as usage is: the first "}" closes it when no "{" opens
+        # before it and it is not inside a string (an even number of quotes, none escaped).
+        if b"{" not in inner and inner.count(b'"') % 2 == 0 and b"\\" not in inner:
+            return end + 1
     depth = 0
     in_string = False
     i = start
