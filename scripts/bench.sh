@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The proxy benchmark: what the gateway adds over a fixed-cost backend, next to an nginx hop and
+# (with LITELLM=1) LiteLLM's proxy. Options go to bench/proxy_bench.py:
+#   --duration S   seconds per measurement (default 10)   --quick        a 3-second smoke run
+#   --skip-stream  --skip-memory                          --profile S    py-spy a worker under load
+# Results: bench/results/proxy.json and bench/results/proxy.md (--quick: .dev/bench/).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+scripts/bootstrap.sh
+scripts/dev-postgres.sh >/dev/null
+
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v hey >/dev/null || missing+=(hey)
+command -v nginx >/dev/null || missing+=(nginx-light)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "bench: need ${missing[*]} (install them, or run as root to have them installed)" >&2
+    exit 1
+  fi
+  echo "bench: installing ${missing[*]} from Debian"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+
+exec .venv/bin/python bench/proxy_bench.py "$@"
