@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ORPHAN_SCAN_INTERVAL_SEC = 10.0
 DISK_CHECK_INTERVAL_SEC = 1.0
+READ_SLICE = 100  # records parsed between two yields to the request path
 
 
 class Writer(Protocol):
@@ -153,21 +154,41 @@ class Meter:
                 self._idle.set()
 
     async def _drain(self) -> None:
-        while (batch := self.spool.read_batch(self._batch_size)) is not None:
+        while batches := await self._read_batches():
+            records = [r for batch in batches for r in batch.records]
             try:
-                result = await self.writer.write(batch.records) if batch.records else None
+                result = await self.writer.write(records) if records else None
             except BaseException:
-                self.spool.rewind(batch)
+                for batch in batches:
+                    self.spool.rewind(batch)
                 raise
-            self._settle(batch, result)
+            self._settle(batches, result)
         if not self.health.database_ok:
             await self.writer.ping()
             self.health.database_ok = True
             self.health.last_error = None
 
-    def _settle(self, batch: Batch, result: WriteResult | None) -> None:
-        for line in batch.bad_lines:
-            self.spool.dead_letter(line, "unreadable spool line (checksum or JSON)")
+    async def _read_batches(self) -> list[Batch]:
+        """Up to ``USAGE_BATCH_SIZE`` records, read in slices with a yield between them.
+
+        Parsing a thousand records takes milliseconds; doing it in one go would hold up every
+        request this process is serving for that long.
+        """
+        batches: list[Batch] = []
+        count = 0
+        while count < self._batch_size:
+            batch = self.spool.read_batch(min(READ_SLICE, self._batch_size - count))
+            if batch is None:
+                break
+            batches.append(batch)
+            count += len(batch.records) + len(batch.bad_lines)
+            await asyncio.sleep(0)
+        return batches
+
+    def _settle(self, batches: list[Batch], result: WriteResult | None) -> None:
+        for batch in batches:
+            for line in batch.bad_lines:
+                self.spool.dead_letter(line, "unreadable spool line (checksum or JSON)")
         if result is not None:
             for record, reason in result.rejected:
                 log.error("usage writer: Postgres rejected request %s: %s",
@@ -176,7 +197,8 @@ class Meter:
             self.health.written += result.inserted
             self.health.database_ok = True
             self.health.last_error = None
-        self.spool.ack(batch)
+        for batch in batches:
+            self.spool.ack(batch)
 
     def _check_disk(self) -> None:
         settings = self.settings

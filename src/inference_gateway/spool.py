@@ -53,16 +53,21 @@ def decode_line(line: bytes) -> bytes | None:
 
 def read_ack(segment: Path) -> int:
     try:
-        return int(segment.with_suffix(ACK_SUFFIX).read_text() or "0")
+        return int(segment.with_suffix(ACK_SUFFIX).read_text().strip() or "0")
     except (FileNotFoundError, ValueError):
         return 0
 
 
-def write_ack(segment: Path, offset: int) -> None:
-    ack = segment.with_suffix(ACK_SUFFIX)
-    tmp = ack.with_suffix(".ack.tmp")
-    tmp.write_text(str(offset))
-    os.replace(tmp, ack)
+def write_ack(segment: Segment, offset: int) -> None:
+    """Overwrite the segment's acknowledged offset in place: one small write, no new file.
+
+    The offset has a fixed width, so a write never leaves a shorter number's digits behind.
+    An acknowledgement lost to a crash only means a replay, which the writer makes harmless.
+    """
+    if segment.ack_fd is None:
+        segment.ack_fd = os.open(segment.path.with_suffix(ACK_SUFFIX),
+                                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.pwrite(segment.ack_fd, b"%020d\n" % offset, 0)
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Segment:
     acked: int
     read_pos: int
     active: bool  # this process is still appending to it
+    ack_fd: int | None = None
 
     @property
     def pending_bytes(self) -> int:
@@ -242,7 +248,7 @@ class Spool:
         if not segment.active and segment.acked >= segment.size:
             self._remove(segment)
         else:
-            write_ack(segment.path, segment.acked)
+            write_ack(segment, segment.acked)
 
     def rewind(self, batch: Batch) -> None:
         """Make a batch that could not be written readable again."""
@@ -252,7 +258,7 @@ class Spool:
         for path in (segment.path, segment.path.with_suffix(ACK_SUFFIX)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        os.close(segment.fd)
+        _close_fds(segment)
         self._segments.remove(segment)
 
     # -- accounting -------------------------------------------------------------------------------
@@ -285,10 +291,17 @@ class Spool:
             if segment.acked >= segment.size:
                 self._remove(segment)
             else:
-                write_ack(segment.path, segment.acked)
-                os.close(segment.fd)
+                write_ack(segment, segment.acked)
+                _close_fds(segment)
                 self._segments.remove(segment)
         self._active = None
+
+
+def _close_fds(segment: Segment) -> None:
+    os.close(segment.fd)
+    if segment.ack_fd is not None:
+        os.close(segment.ack_fd)
+        segment.ack_fd = None
 
 
 def _json_str(text: str) -> bytes:
