@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from inference_gateway.migrate import migrate
+
+from common import dev_database_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,18 +62,6 @@ SELECT gen_random_uuid(), 'org-' || (g % 500), 'inst-' || (g % 7), 'model-a', 'm
        LATERAL (SELECT date_trunc('week', now()) - make_interval(weeks => $1::int)
                        + make_interval(secs => (g::float8 * 604799 / $2::int))) AS x(t)
 """
-
-
-def _base_dsn() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return url
-    subprocess.run([str(ROOT / "scripts" / "dev-postgres.sh")], check=True,
-                   stdout=subprocess.DEVNULL)
-    for line in (ROOT / ".dev" / "env").read_text().splitlines():
-        if line.startswith("DATABASE_URL="):
-            return line.split("=", 1)[1]
-    raise RuntimeError(".dev/env has no DATABASE_URL")
 
 
 def _with_db(url: str, name: str) -> str:
@@ -203,7 +192,7 @@ async def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     jobs = args.jobs or max(1, min(args.sets, os.cpu_count() or 1))
     plan = Plan(rows=args.rows, partitions=args.partitions, sets=args.sets, jobs=jobs)
-    base = _base_dsn()
+    base = dev_database_url()
     print(f"{plan.rows_per_week * plan.weeks_per_set * plan.sets} rows over "
           f"{plan.weeks_per_set * plan.sets} weekly partitions in {plan.sets} partition sets "
           f"({plan.weeks_per_set} weeks each, retention {plan.retention_weeks} weeks), "

@@ -10,8 +10,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,18 +36,6 @@ UTC = dt.UTC
 MakeDb = Callable[..., Awaitable[str]]
 
 
-def _base_dsn() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return url
-    subprocess.run([str(ROOT / "scripts" / "dev-postgres.sh")], check=True,
-                   stdout=subprocess.DEVNULL)
-    for line in (ROOT / ".dev" / "env").read_text().splitlines():
-        if line.startswith("DATABASE_URL="):
-            return line.split("=", 1)[1]
-    raise RuntimeError(".dev/env has no DATABASE_URL")
-
-
 def _with_db(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))
@@ -60,8 +46,8 @@ def _settings(dsn: str, **overrides: Any) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def base_dsn() -> str:
-    return _base_dsn()
+def base_dsn(admin_url: str) -> str:
+    return admin_url
 
 
 @pytest.fixture(scope="module")
