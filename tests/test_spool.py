@@ -115,3 +115,34 @@ def test_status_counts_pending_records(tmp_path: Path) -> None:
     assert status.pending_records == 3
     assert status.dead_letters == 1
     assert status.oldest_pending_age_sec == 2000.0 - 1002.0
+
+
+def test_a_record_longer_than_a_read_slice_is_read_whole(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=1 << 20)
+    spool.open()
+    long_model = "m" * 40_000  # far more than the bytes one small read asks for
+    spool.append(record(0))
+    spool.append(UsageRecord("00000000-0000-4000-8000-000000000001", "o", "i", long_model,
+                             long_model, "/v1/x", 7, 8, 200, False, False, 1, 1, 1.0, 2.0))
+    spool.append(record(2))
+    seen: list[UsageRecord] = []
+    while (batch := spool.read_batch(1)) is not None:
+        assert not batch.bad_lines
+        seen.extend(batch.records)
+        spool.ack(batch)
+    assert [r.prompt_tokens for r in seen] == [0, 7, 2]
+    assert seen[1].model == long_model
+    spool.close()
+
+
+def test_sync_handle_only_when_something_was_appended(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=1 << 20)
+    spool.open()
+    assert spool.sync_handle() is None
+    spool.append(record(0))
+    handle = spool.sync_handle()
+    assert handle is not None
+    os.fsync(handle)  # a descriptor of its own: usable after the spool moved on, then closed
+    os.close(handle)
+    assert spool.sync_handle() is None
+    spool.close()

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import itertools
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
+import pytest
 
+from inference_gateway import writer as writer_module
 from inference_gateway.usage import UsageRecord
-from inference_gateway.writer import PostgresWriter
+from inference_gateway.writer import PACE_ROWS, PostgresWriter, paced, row
 
 
 def records(n: int, org: str, **overrides: object) -> list[UsageRecord]:
@@ -89,3 +94,65 @@ async def test_a_malformed_id_is_rejected_alone(database_url: str) -> None:
     finally:
         await writer.close()
     assert result.inserted == 2 and [r.request_id for r, _ in result.rejected] == ["not-a-uuid"]
+
+
+
+async def _largest_stretch(
+    work: Callable[[], Awaitable[object]], progress: Callable[[], int]
+) -> int:
+    """The most progress ``work`` made without letting another task run."""
+    seen = [progress()]
+    stop = False
+
+    async def other_task() -> None:
+        while not stop:
+            seen.append(progress())
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    try:
+        await work()
+    finally:
+        stop = True
+        await other
+    seen.append(progress())
+    return max(b - a for a, b in itertools.pairwise(seen))
+
+
+async def test_copy_rows_are_handed_out_in_paces() -> None:
+    rows: list[tuple[object, ...]] = [(i,) for i in range(1000)]
+    taken = 0
+
+    async def consume() -> None:
+        nonlocal taken
+        async for _ in paced(rows):
+            taken += 1
+
+    assert await _largest_stretch(consume, lambda: taken) <= PACE_ROWS
+    assert taken == 1000
+
+
+async def test_a_large_batch_leaves_room_for_requests(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer shares the event loop with requests: it must hand it back while it works."""
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    batch = records(2000, org)
+    converted = 0
+
+    def counting_row(record: UsageRecord) -> tuple[object, ...]:
+        nonlocal converted
+        converted += 1
+        return row(record)
+
+    monkeypatch.setattr(writer_module, "row", counting_row)
+    writer = PostgresWriter(database_url)
+    await writer.ping()
+    try:
+        stretch = await _largest_stretch(lambda: writer.write(batch), lambda: converted)
+    finally:
+        await writer.close()
+    assert converted == 2000
+    assert stretch <= PACE_ROWS
+    assert await count(database_url, org) == 2000

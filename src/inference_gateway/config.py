@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(default=1000, ge=1)  # idle keep-alive, per server
 
     usage_batch_size: int = Field(default=1000, ge=1, le=100_000)
-    usage_flush_interval_ms: int = Field(default=200, ge=1)
+    usage_flush_interval_ms: int = Field(default=50, ge=1)
     spool_dir: Path = Path("spool")
     spool_sync: Literal["batch", "always", "never"] = "batch"
     spool_segment_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 ORPHAN_SCAN_INTERVAL_SEC = 10.0
 DISK_CHECK_INTERVAL_SEC = 1.0
-READ_SLICE = 100  # records parsed between two yields to the request path
+READ_SLICE = 32  # records parsed between two yields to the request path
 
 
 class Writer(Protocol):
@@ -135,10 +135,7 @@ class Meter:
                 last_disk = now
                 self._check_disk()
             if self.settings.spool_sync == "batch":
-                try:
-                    self.spool.sync()
-                except OSError as exc:
-                    log.error("usage spool: fsync failed: %s", exc)
+                await self._sync_spool()
             try:
                 await self._drain()
             except Exception as exc:  # Postgres away or refusing: keep spooling, retry later
@@ -152,6 +149,15 @@ class Meter:
             backoff = 0.0
             if not self.spool.has_pending():
                 self._idle.set()
+
+    async def _sync_spool(self) -> None:
+        handle = self.spool.sync_handle()
+        if handle is None:
+            return
+        try:
+            await asyncio.to_thread(_fsync_and_close, handle)
+        except OSError as exc:
+            log.error("usage spool: fsync failed: %s", exc)
 
     async def _drain(self) -> None:
         while batches := await self._read_batches():
@@ -218,3 +224,10 @@ class Meter:
                           pending, free, settings.spool_full_policy)
             else:
                 log.info("usage spool has room again")
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

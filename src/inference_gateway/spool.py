@@ -139,11 +139,16 @@ class Spool:
         if active.size >= self.segment_bytes:
             self._rotate()
 
-    def sync(self) -> None:
-        """fsync the active segment if anything was appended since the last sync."""
-        if self._dirty and self._active is not None:
-            self._dirty = False
-            os.fsync(self._active.fd)
+    def sync_handle(self) -> int | None:
+        """A duplicate of the active segment's descriptor to fsync, if anything was appended.
+
+        An fsync takes a disk round trip; the caller runs it (and closes the duplicate) on
+        another thread, and a rotation or removal in the meantime cannot close it under it.
+        """
+        if not self._dirty or self._active is None:
+            return None
+        self._dirty = False
+        return os.dup(self._active.fd)
 
     def _rotate(self) -> None:
         if self._active is not None:
@@ -202,8 +207,11 @@ class Spool:
         return None
 
     def _read(self, segment: Segment, max_records: int) -> Batch:
-        want = max(max_records * READ_BYTES_PER_RECORD, MAX_RECORD_BYTES)
-        data = os.pread(segment.fd, min(want, segment.size - segment.read_pos), segment.read_pos)
+        left = segment.size - segment.read_pos
+        data = os.pread(segment.fd, min(max_records * READ_BYTES_PER_RECORD, left),
+                        segment.read_pos)
+        if b"\n" not in data and len(data) < left:  # a record longer than the usual ones
+            data = os.pread(segment.fd, min(MAX_RECORD_BYTES, left), segment.read_pos)
         batch = Batch(segment, [], segment.read_pos)
         pos = 0
         while len(batch.records) < max_records:
