@@ -120,7 +120,10 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     env = {"VLLM_PORT": str(port), "VLLM_HOST": "127.0.0.1", "VLLM_MODEL": str(TINY_MODEL),
            "VLLM_SERVED_NAME": SERVED_MODEL}
     launched = time.monotonic()
-    proc = start([str(SERVE_SCRIPT)], env, tmp / "vllm.log", port)
+    # vLLM's CPU engine keeps a core busy polling. At a lower priority it cannot starve the
+    # gateway and the client under test, which on a small machine made hang-ups go unnoticed
+    # until vLLM had finished the generation they were meant to abort.
+    proc = start(["nice", "-n", "10", str(SERVE_SCRIPT)], env, tmp / "vllm.log", port)
     _STOPPERS.append(lambda: _stop_group(proc))
     try:
         _wait_healthy(proc)

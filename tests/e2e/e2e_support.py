@@ -37,6 +37,10 @@ class VllmServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def log_lines(self, needle: str) -> list[str]:
+        """The lines of the server's log that mention ``needle`` (for failure messages)."""
+        return [line for line in self.log_text().splitlines() if needle in line]
+
     def wait_for_log(self, needle: str, timeout: float = 10.0) -> bool:
         """True once ``needle`` is in the server's log (it is written a little after the fact)."""
         deadline = time.monotonic() + timeout

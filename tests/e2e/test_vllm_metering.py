@@ -274,9 +274,10 @@ def test_client_drops_the_stream(
     stream.close()  # hang up mid-stream
     received = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
     vllm_request = chunks[0].id
-    assert vllm.wait_for_log(f"Request {vllm_request} aborted.", 15), \
-        f"vLLM did not log {vllm_request} as aborted"
+    aborted = vllm.wait_for_log(f"Request {vllm_request} aborted.", 15)
     stored = row(database_url, request_id)
+    assert aborted, (f"vLLM did not log {vllm_request} as aborted; stored: {stored}; vLLM's log:\n"
+                     + "\n".join(vllm.log_lines(vllm_request)))
     assert stored["disconnected"] is True and stored["streamed"] is True
     # Billed for the tokens relayed before the hang-up: at least what the client read, and
     # not the whole generation it asked for.
