@@ -20,13 +20,12 @@ from typing import Protocol
 from inference_gateway.config import Settings
 from inference_gateway.spool import Batch, Spool
 from inference_gateway.usage import UsageRecord
-from inference_gateway.writer import PostgresWriter, WriteResult
+from inference_gateway.writer import PACE_ROWS, PostgresWriter, WriteResult
 
 log = logging.getLogger(__name__)
 
 ORPHAN_SCAN_INTERVAL_SEC = 10.0
 DISK_CHECK_INTERVAL_SEC = 1.0
-READ_SLICE = 32  # records parsed between two yields to the request path
 
 
 class Writer(Protocol):
@@ -183,7 +182,7 @@ class Meter:
         batches: list[Batch] = []
         count = 0
         while count < self._batch_size:
-            batch = self.spool.read_batch(min(READ_SLICE, self._batch_size - count))
+            batch = self.spool.read_batch(min(PACE_ROWS, self._batch_size - count))
             if batch is None:
                 break
             batches.append(batch)

@@ -35,8 +35,8 @@ _REJECTING_CLASSES = ("22", "23")
 _UNIQUE_VIOLATION = "23505"
 
 
-# Rows converted or encoded between two yields to the request path. The writer shares its event
-# loop with the requests; a thousand rows in one go would hold each of them up by milliseconds.
+# Records read, converted or encoded between two yields to the request path. The writer shares
+# its event loop with the requests; a thousand rows in one go would hold each up by milliseconds.
 PACE_ROWS = 32
 
 _PG_EPOCH = 946_684_800  # 2000-01-01 in Unix time: where Postgres counts timestamps from
