@@ -61,6 +61,11 @@ async def _run_worker(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> None:
+    # A forked worker starts with the supervisor's handlers, which would forward a stop signal
+    # to the other workers instead of stopping this one; until its own are installed, the
+    # default applies (it has served nothing yet).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _install_uvloop()
@@ -121,6 +126,8 @@ def _supervise(settings: Settings) -> int:
             log.error("%s exited with %s; starting a new one", worker.name, worker.exitcode)
             failed = True
             time.sleep(0.5)  # do not spin if every start fails
+            if stopping:  # a stop signal came during the pause: a new worker would be orphaned
+                break
             workers[i] = spawn(i)
     if failed and not stopping:
         print("inference-gateway: workers failed", file=sys.stderr)
