@@ -96,7 +96,6 @@ async def test_a_malformed_id_is_rejected_alone(database_url: str) -> None:
     assert result.inserted == 2 and [r.request_id for r, _ in result.rejected] == ["not-a-uuid"]
 
 
-
 async def _largest_stretch(
     work: Callable[[], Awaitable[object]], progress: Callable[[], int]
 ) -> int:
