@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from inference_gateway.config import load_settings
@@ -24,10 +25,14 @@ class FlakyWriter:
         self.down = False
         self.bad: set[int] = set()
         self.stored: list[UsageRecord] = []
+        self.batches: list[int] = []
+        self.while_writing: Callable[[], None] = lambda: None
 
     async def write(self, records: list[UsageRecord]) -> WriteResult:
         if self.down:
             raise ConnectionRefusedError("postgres is down")
+        self.batches.append(len(records))
+        self.while_writing()
         rejected = [(r, "check violation") for r in records if r.prompt_tokens in self.bad]
         good = [r for r in records if r.prompt_tokens not in self.bad]
         self.stored.extend(good)
@@ -42,8 +47,8 @@ class FlakyWriter:
 
 
 def make_meter(tmp_path: Path, writer: FlakyWriter, **overrides: object) -> Meter:
-    settings = load_settings(spool_dir=tmp_path, usage_flush_interval_ms=10,
-                             writer_max_backoff_sec=0.05, **overrides)
+    settings = load_settings(**{"spool_dir": tmp_path, "usage_flush_interval_ms": 10,
+                                "writer_max_backoff_sec": 0.05, **overrides})
     return Meter(settings, writer)
 
 
@@ -76,6 +81,39 @@ async def test_outage_keeps_records_until_the_writer_recovers(tmp_path: Path) ->
     assert await meter.flush(5)
     await meter.close()
     assert [r.prompt_tokens for r in writer.stored] == list(range(50))
+
+
+async def test_records_that_arrive_during_a_write_wait_for_the_next_flush(
+    tmp_path: Path,
+) -> None:
+    """Chasing them at once would write a handful of rows per COPY, back to back."""
+    writer = FlakyWriter()
+    meter = make_meter(tmp_path, writer, usage_flush_interval_ms=60_000)
+    await meter.start()
+    arrivals = iter([[100, 101, 102]])
+    writer.while_writing = lambda: [meter.submit(record(i)) for i in next(arrivals, [])]
+    for i in range(10):
+        meter.submit(record(i))
+    assert not await meter.flush(0.3)  # the next timed flush is a minute away
+    assert writer.batches == [10]
+    assert await meter.flush(5)  # an explicit flush writes them
+    assert writer.batches == [10, 3]
+    await meter.close()
+
+
+async def test_a_backlog_is_written_in_full_batches_back_to_back(tmp_path: Path) -> None:
+    writer = FlakyWriter()
+    writer.down = True
+    meter = make_meter(tmp_path, writer, usage_flush_interval_ms=60_000, usage_batch_size=4)
+    await meter.start()
+    for i in range(10):
+        meter.submit(record(i))
+    assert not await meter.flush(0.3)
+    writer.down = False
+    assert await meter.flush(5)
+    await meter.close()
+    assert writer.batches == [4, 4, 2]
+    assert [r.prompt_tokens for r in writer.stored] == list(range(10))
 
 
 async def test_refuse_policy_answers_503_once_the_cap_is_reached(tmp_path: Path) -> None:

@@ -159,7 +159,16 @@ class Meter:
             log.error("usage spool: fsync failed: %s", exc)
 
     async def _drain(self) -> None:
-        while batches := await self._read_batches():
+        """Write what is spooled, a batch at a time, going on only while batches come out full.
+
+        A short batch means the spool is caught up: what arrives while it is being written waits
+        for the next flush. Going on would write a handful of rows at a time, back to back, and
+        a COPY's fixed cost (a round trip, a commit) would then be paid for every few rows.
+        """
+        while True:
+            batches = await self._read_batches()
+            if not batches:
+                break
             records = [r for batch in batches for r in batch.records]
             try:
                 result = await self.writer.write(records) if records else None
@@ -168,6 +177,8 @@ class Meter:
                     self.spool.rewind(batch)
                 raise
             self._settle(batches, result)
+            if sum(len(b.records) + len(b.bad_lines) for b in batches) < self._batch_size:
+                break
         if not self.health.database_ok:
             await self.writer.ping()
             self.health.database_ok = True
