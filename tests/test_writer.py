@@ -14,7 +14,7 @@ import pytest
 
 from inference_gateway import writer as writer_module
 from inference_gateway.usage import UsageRecord
-from inference_gateway.writer import PACE_ROWS, PostgresWriter, paced, row
+from inference_gateway.writer import PACE_ROWS, PostgresWriter, row
 
 
 def records(n: int, org: str, **overrides: object) -> list[UsageRecord]:
@@ -119,17 +119,53 @@ async def _largest_stretch(
     return max(b - a for a, b in itertools.pairwise(seen))
 
 
-async def test_copy_rows_are_handed_out_in_paces() -> None:
-    rows: list[tuple[object, ...]] = [(i,) for i in range(1000)]
-    taken = 0
+def _count_statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of each COPY statement the writer sends from now on."""
+    sizes: list[int] = []
+    copy_in = writer_module._copy_in
 
-    async def consume() -> None:
-        nonlocal taken
-        async for _ in paced(rows):
-            taken += 1
+    async def counting(conn: asyncpg.Connection, table: str, schema: str | None,
+                       rows: list[tuple[object, ...]]) -> None:
+        sizes.append(len(rows))
+        await copy_in(conn, table, schema, rows)
 
-    assert await _largest_stretch(consume, lambda: taken) <= PACE_ROWS
-    assert taken == 1000
+    monkeypatch.setattr(writer_module, "_copy_in", counting)
+    return sizes
+
+
+@pytest.mark.parametrize(("batch", "statements"), [
+    (10, [10]),
+    (100, [16] * 6 + [4]),
+    (1000, [125] * 8),
+])
+async def test_a_batch_goes_in_short_statements(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, batch: int, statements: list[int]
+) -> None:
+    """Short while keeping up (Postgres then works in short runs), few for a backlog."""
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    sizes = _count_statements(monkeypatch)
+    writer = PostgresWriter(database_url)
+    try:
+        assert (await writer.write(records(batch, org))).inserted == batch
+    finally:
+        await writer.close()
+    assert sizes == statements
+    assert await count(database_url, org) == batch
+
+
+async def test_the_statements_of_a_batch_commit_together(database_url: str) -> None:
+    """A bad row in the last statement: what came before must not be stored yet, or the
+    retry of the good rows would find them there and count them as already written."""
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    good = records(99, org)
+    bad = records(1, org, prompt_tokens=-1)
+    writer = PostgresWriter(database_url)
+    try:
+        result = await writer.write(good[:95] + bad + good[95:])
+    finally:
+        await writer.close()
+    assert result.inserted == 99 and len(result.rejected) == 1
+    assert await count(database_url, org) == 99
 
 
 async def test_a_large_batch_leaves_room_for_requests(

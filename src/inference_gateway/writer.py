@@ -1,17 +1,20 @@
 """Writes batches of usage records into ``inference.requests``, exactly once.
 
-A batch is COPYed straight into the table. If any of its rows is already there (a batch
-replayed after a crash: committed, but not yet acknowledged in the spool), the unique key on
-``(request_id, completed_at)`` aborts that COPY, and the batch goes the slower, idempotent way:
-COPY into a session-local staging table, then ``INSERT ... ON CONFLICT DO NOTHING``. Either
-way, no request is stored twice.
+A batch is COPYed straight into the table, in one transaction. If any of its rows is already
+there (a batch replayed after a crash: committed, but not yet acknowledged in the spool), the
+unique key on ``(request_id, completed_at)`` aborts that transaction, and the batch goes the
+slower, idempotent way: COPY into a session-local staging table, then ``INSERT ... ON CONFLICT
+DO NOTHING``. Either way, no request is stored twice.
+
+The transaction holds several short COPY statements rather than one long one. Postgres works
+through a statement's rows in one run; where it shares CPUs with the gateway, the kernel can
+queue a request's process behind that run, and a run of a few hundred rows is milliseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -35,9 +38,13 @@ _REJECTING_CLASSES = ("22", "23")
 _UNIQUE_VIOLATION = "23505"
 
 
-# Records read, converted or encoded between two yields to the request path. The writer shares
-# its event loop with the requests; a thousand rows in one go would hold each up by milliseconds.
-PACE_ROWS = 32
+# Records read or converted between two yields to the request path, and the rows of one COPY
+# statement while the writer keeps up. The writer shares its event loop with the requests, and
+# Postgres may share the CPUs: a thousand rows in one go would hold requests up by milliseconds.
+PACE_ROWS = 16
+# A batch is split into at most this many statements: a backlog (full batches) then pays for
+# few statements, and each is still a fraction of the batch.
+MAX_COPIES_PER_BATCH = 8
 
 _PG_EPOCH = 946_684_800  # 2000-01-01 in Unix time: where Postgres counts timestamps from
 
@@ -56,16 +63,10 @@ def row(record: UsageRecord) -> tuple[object, ...]:
     )
 
 
-async def paced(rows: list[tuple[object, ...]]) -> AsyncIterator[tuple[object, ...]]:
-    """The rows for a COPY, handing the event loop back every ``PACE_ROWS`` rows.
-
-    asyncpg encodes a COPY's rows as it iterates over them, so pacing the iteration spreads
-    the encoding between requests instead of stalling them all at once.
-    """
-    for i, values in enumerate(rows, 1):
-        yield values
-        if i % PACE_ROWS == 0:
-            await asyncio.sleep(0)
+def pieces(rows: list[tuple[object, ...]]) -> list[list[tuple[object, ...]]]:
+    """The rows cut into the COPY statements of one batch (see the module's docstring)."""
+    size = max(PACE_ROWS, -(-len(rows) // MAX_COPIES_PER_BATCH))
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
 def _encode_time(seconds: float) -> tuple[int]:
@@ -87,6 +88,11 @@ def is_rejection(exc: BaseException) -> bool:
         return True  # the row could not even be encoded
     sqlstate = getattr(exc, "sqlstate", None)
     return isinstance(sqlstate, str) and sqlstate[:2] in _REJECTING_CLASSES
+
+
+async def _copy_in(conn: asyncpg.Connection, table: str, schema: str | None,
+                   rows: list[tuple[object, ...]]) -> None:
+    await conn.copy_records_to_table(table, schema_name=schema, records=rows, columns=COLUMNS)
 
 
 @dataclass
@@ -149,17 +155,21 @@ class PostgresWriter:
 
     async def _copy(self, rows: list[tuple[object, ...]]) -> int:
         conn = await self._connection()
+        parts = pieces(rows)
         try:
-            await conn.copy_records_to_table(
-                "requests", schema_name="inference", records=paced(rows), columns=COLUMNS
-            )
+            if len(parts) == 1:  # one statement commits on its own: no BEGIN/COMMIT round trips
+                await _copy_in(conn, "requests", "inference", rows)
+            else:
+                async with conn.transaction():
+                    for part in parts:
+                        await _copy_in(conn, "requests", "inference", part)
             return len(rows)
         except asyncpg.PostgresError as exc:
             if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
                 raise
         async with conn.transaction():
-            await conn.copy_records_to_table("usage_staging", records=paced(rows),
-                                             columns=COLUMNS)
+            for part in parts:
+                await _copy_in(conn, "usage_staging", None, part)
             status: str = await conn.execute(_MOVE)
         return int(status.rsplit(" ", 1)[-1])
 
