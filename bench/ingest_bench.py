@@ -4,7 +4,7 @@
 
 Measures, in one run against the dev Postgres:
   insert-per-record  the baseline: one INSERT statement (its own transaction) per record
-  copy-batches       PostgresWriter: COPY into staging + INSERT .. ON CONFLICT, 1,000 a batch
+  copy-batches       PostgresWriter: 1,000 records a batch, COPYed in one transaction
   spool drain        the whole writer: records read back from the disk spool, then COPYed
                      (and the cost of appending a record to the spool, on the request path)
 Prints rows/s for each and the ratios, and writes bench/results/ingest.json.
