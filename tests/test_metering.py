@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +115,38 @@ async def test_a_backlog_is_written_in_full_batches_back_to_back(tmp_path: Path)
     await meter.close()
     assert writer.batches == [4, 4, 2]
     assert [r.prompt_tokens for r in writer.stored] == list(range(10))
+
+
+async def test_a_record_is_written_within_the_interval_without_a_flush(tmp_path: Path) -> None:
+    writer = FlakyWriter()
+    meter = make_meter(tmp_path, writer)
+    await meter.start()
+    meter.submit(record(1))
+    for _ in range(500):
+        if writer.stored:
+            break
+        await asyncio.sleep(0.01)
+    await meter.close()
+    assert [r.prompt_tokens for r in writer.stored] == [1]
+
+
+async def test_an_idle_writer_does_not_poll(tmp_path: Path) -> None:
+    """Only a record, a flush or the once-a-second disk check wakes it."""
+    writer = FlakyWriter()
+    meter = make_meter(tmp_path, writer)  # a 10 ms flush interval
+    wake_ups = 0
+    drain = meter._drain
+
+    async def counting_drain() -> None:
+        nonlocal wake_ups
+        wake_ups += 1
+        await drain()
+
+    meter._drain = counting_drain  # type: ignore[method-assign]
+    await meter.start()
+    await asyncio.sleep(0.5)
+    await meter.close()
+    assert wake_ups <= 2  # the start, and the final flush of close()
 
 
 async def test_refuse_policy_answers_503_once_the_cap_is_reached(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 
 ``submit`` appends the record to this process's spool (a write into the page cache, no network)
 and returns. A background task drains the spool into Postgres in batches of up to
-``USAGE_BATCH_SIZE`` records, at least every ``USAGE_FLUSH_INTERVAL_MS``, retrying with capped
-exponential backoff while Postgres is away. Records are acknowledged in the spool only after
-Postgres committed them.
+``USAGE_BATCH_SIZE`` records, at most ``USAGE_FLUSH_INTERVAL_MS`` after a record arrived,
+retrying with capped exponential backoff while Postgres is away. Records are acknowledged in the
+spool only after Postgres committed them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from inference_gateway.writer import PACE_ROWS, PostgresWriter, WriteResult
 log = logging.getLogger(__name__)
 
 ORPHAN_SCAN_INTERVAL_SEC = 10.0
-DISK_CHECK_INTERVAL_SEC = 1.0
+DISK_CHECK_INTERVAL_SEC = 1.0  # also how often an idle writer wakes up at all
 
 
 class Writer(Protocol):
@@ -61,6 +61,7 @@ class Meter:
         self._full = False
         self._unsynced = 0
         self._batch_size = settings.usage_batch_size
+        self._interval = settings.usage_flush_interval_ms / 1000
 
     # -- request path ---------------------------------------------------------------------------
 
@@ -78,6 +79,11 @@ class Meter:
         self._unsynced += 1
         if self._unsynced >= self._batch_size:
             self._wake.set()
+        elif self._unsynced == 1:
+            # The first record since the last flush sets the time of the next one. A writer
+            # polling every interval would wake each idle worker 20 times a second, and on a
+            # busy machine every wake-up can land on the core a request needs.
+            asyncio.get_running_loop().call_later(self._interval, self._wake.set)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -117,12 +123,11 @@ class Meter:
     # -- writer task ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        interval = self.settings.usage_flush_interval_ms / 1000
         backoff = 0.0
         last_scan = last_disk = time.monotonic()
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), backoff or interval)
+                await asyncio.wait_for(self._wake.wait(), backoff or DISK_CHECK_INTERVAL_SEC)
             self._wake.clear()
             self._unsynced = 0
             now = time.monotonic()
