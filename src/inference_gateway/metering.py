@@ -171,7 +171,7 @@ class Meter:
         a COPY's fixed cost (a round trip, a commit) would then be paid for every few rows.
         """
         while True:
-            batches = await self._read_batches()
+            batches, lines = await self._read_batches()
             if not batches:
                 break
             records = [r for batch in batches for r in batch.records]
@@ -182,15 +182,16 @@ class Meter:
                     self.spool.rewind(batch)
                 raise
             self._settle(batches, result)
-            if sum(len(b.records) + len(b.bad_lines) for b in batches) < self._batch_size:
+            if lines < self._batch_size:
                 break
         if not self.health.database_ok:
             await self.writer.ping()
             self.health.database_ok = True
             self.health.last_error = None
 
-    async def _read_batches(self) -> list[Batch]:
-        """Up to ``USAGE_BATCH_SIZE`` records, read in slices with a yield between them.
+    async def _read_batches(self) -> tuple[list[Batch], int]:
+        """Up to ``USAGE_BATCH_SIZE`` lines, read in slices with a yield between them, and how
+        many lines that was (records and unreadable ones).
 
         Parsing a thousand records takes milliseconds; doing it in one go would hold up every
         request this process is serving for that long.
@@ -204,7 +205,7 @@ class Meter:
             batches.append(batch)
             count += len(batch.records) + len(batch.bad_lines)
             await asyncio.sleep(0)
-        return batches
+        return batches, count
 
     def _settle(self, batches: list[Batch], result: WriteResult | None) -> None:
         for batch in batches:
