@@ -22,12 +22,12 @@ from pathlib import Path
 
 import asyncpg
 
-from inference_gateway.config import load_settings
-from inference_gateway.metering import Meter
-from inference_gateway.migrate import migrate
-from inference_gateway.spool import Spool
-from inference_gateway.usage import COLUMNS, UsageRecord
-from inference_gateway.writer import PostgresWriter, configure, row
+from inference_gateway.db.migrate import migrate
+from inference_gateway.metering.meter import Meter
+from inference_gateway.metering.record import COLUMNS, UsageRecord
+from inference_gateway.metering.spool import Spool
+from inference_gateway.metering.writer import PostgresWriter, configure, row
+from inference_gateway.settings import load_settings
 
 from common import ROOT, dev_database_url, scratch_database
 

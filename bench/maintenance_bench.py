@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from inference_gateway.migrate import migrate
+from inference_gateway.db.migrate import migrate
 
 from common import dev_database_url
 

@@ -60,7 +60,7 @@ import proxy_report
 import proxy_streams
 from proxy_procs import FIXTURES, Service
 
-from inference_gateway.migrate import migrate
+from inference_gateway.db.migrate import migrate
 
 from common import ROOT, dev_database_url, scratch_database
 

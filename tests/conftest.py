@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from inference_gateway.migrate import migrate
+from inference_gateway.db.migrate import migrate
 
 from harness import ROOT, Proc, start_gateway, start_simulator
 

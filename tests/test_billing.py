@@ -21,12 +21,12 @@ import pgmq
 import pytest
 from aiohttp import web
 
-from inference_gateway import billing
-from inference_gateway.billing_sinks import PgmqSink, WebhookSink
-from inference_gateway.config import Settings
-from inference_gateway.migrate import migrate
-from inference_gateway.usage import UsageRecord
-from inference_gateway.writer import PostgresWriter
+from inference_gateway.billing import reporter
+from inference_gateway.billing.sinks import PgmqSink, WebhookSink
+from inference_gateway.db.migrate import migrate
+from inference_gateway.metering.record import UsageRecord
+from inference_gateway.metering.writer import PostgresWriter
+from inference_gateway.settings import Settings
 
 from harness import Proc, free_port, start_gateway
 
@@ -145,7 +145,7 @@ async def test_three_hours_make_the_right_events_and_watermark(conn: asyncpg.Con
     )
     await set_watermark(conn, start)
 
-    passes = await billing.report(conn, NO_GRACE, MARGIN)
+    passes = await reporter.report(conn, NO_GRACE, MARGIN)
 
     messages = await outbox(conn)
     assert [(m["period_start"], len(m["body"]["message"])) for m in messages] == [
@@ -174,14 +174,14 @@ async def test_three_hours_make_the_right_events_and_watermark(conn: asyncpg.Con
     assert state["reported_until"] == passes[-1].reported_until
     assert datetime.now(UTC) - state["ingested_until"] < timedelta(seconds=10)
 
-    await billing.report(conn, NO_GRACE, MARGIN)  # nothing new: nothing more
+    await reporter.report(conn, NO_GRACE, MARGIN)  # nothing new: nothing more
     assert len(await outbox(conn)) == 4
 
 
 async def test_first_run_starts_with_the_last_hour(conn: asyncpg.Connection) -> None:
     h = await this_hour(conn)
     await seed(conn, ("o", "i", "m", h - 2 * HOUR, 1, 1), ("o", "i", "m", h - HOUR, 2, 2))
-    [done] = await billing.report(conn, NO_GRACE, MARGIN)
+    [done] = await reporter.report(conn, NO_GRACE, MARGIN)
     assert (done.reported_from, done.reported_until) == (h - HOUR, h)
     assert list(events(await outbox(conn))) == [key("i", "m", h - HOUR)]
 
@@ -190,7 +190,7 @@ async def test_grace_holds_the_last_hour_back(conn: asyncpg.Connection) -> None:
     h = await this_hour(conn)
     await set_watermark(conn, h - HOUR)
     await seed(conn, ("o", "i", "m", h - HOUR, 1, 1))
-    [done] = await billing.report(conn, timedelta(minutes=61), MARGIN)  # over for < 61 min
+    [done] = await reporter.report(conn, timedelta(minutes=61), MARGIN)  # over for < 61 min
     assert done.reported_until == h - HOUR and done.events == 0
 
 
@@ -204,15 +204,15 @@ async def test_crash_between_write_and_watermark_reports_nothing_twice(
     async def crash(*args: object) -> None:
         raise ConnectionResetError("the process died here")
 
-    monkeypatch.setattr(billing, "advance_watermark", crash)
+    monkeypatch.setattr(reporter, "advance_watermark", crash)
     with pytest.raises(ConnectionResetError):
-        await billing.report(conn, NO_GRACE, MARGIN)
+        await reporter.report(conn, NO_GRACE, MARGIN)
     assert await outbox(conn) == []
     assert await conn.fetchval("SELECT reported_until FROM billing.watermark") == h - 3 * HOUR
 
     monkeypatch.undo()
-    await billing.report(conn, NO_GRACE, MARGIN)
-    await billing.report(conn, NO_GRACE, MARGIN)
+    await reporter.report(conn, NO_GRACE, MARGIN)
+    await reporter.report(conn, NO_GRACE, MARGIN)
     assert sorted(events(await outbox(conn))) == [
         key("i1", "m", h - HOUR), key("i2", "m", h - 2 * HOUR), key("i3", "m", h - 3 * HOUR)]
 
@@ -224,7 +224,7 @@ async def test_late_record_makes_exactly_one_correction(
     hour = h - 2 * HOUR
     await set_watermark(conn, hour)
     await seed(conn, ("org", "inst", "m", hour + timedelta(minutes=5), 10, 10))
-    await billing.report(conn, NO_GRACE, MARGIN)
+    await reporter.report(conn, NO_GRACE, MARGIN)
     assert list(events(await outbox(conn))) == [key("inst", "m", hour)]
 
     # The spool replays a record of that hour after an outage, through the real writer.
@@ -239,8 +239,8 @@ async def test_late_record_makes_exactly_one_correction(
     try:
         assert (await writer.write([late])).inserted == 1
         await asyncio.sleep(MARGIN.total_seconds() * 2)
-        await billing.report(conn, NO_GRACE, MARGIN)
-        await billing.report(conn, NO_GRACE, MARGIN)
+        await reporter.report(conn, NO_GRACE, MARGIN)
+        await reporter.report(conn, NO_GRACE, MARGIN)
 
         messages = await outbox(conn)
         corrections = [m for m in messages if m["correction"]]
@@ -260,7 +260,7 @@ async def test_late_record_makes_exactly_one_correction(
     finally:
         await writer.close()
     await asyncio.sleep(MARGIN.total_seconds() * 2)
-    await billing.report(conn, NO_GRACE, MARGIN)
+    await reporter.report(conn, NO_GRACE, MARGIN)
     assert key("inst", "m", hour, 2) in events(await outbox(conn))
     assert len(events(await outbox(conn))) == 3
 
@@ -278,23 +278,23 @@ async def test_rows_of_an_open_transaction_wait_for_its_commit(
         await other.execute("UPDATE inference.requests SET ingested_at = clock_timestamp() "
                             "WHERE instance_id = 'slow'")
         await asyncio.sleep(MARGIN.total_seconds() * 2)
-        await billing.report(conn, NO_GRACE, MARGIN)  # cannot see the row yet
+        await reporter.report(conn, NO_GRACE, MARGIN)  # cannot see the row yet
         assert events(await outbox(conn)) == {}
         await tx.commit()
     finally:
         await other.close()
     await asyncio.sleep(MARGIN.total_seconds() * 2)
-    await billing.report(conn, NO_GRACE, MARGIN)
+    await reporter.report(conn, NO_GRACE, MARGIN)
     assert list(events(await outbox(conn))) == [key("slow", "m", h - HOUR, 1)]
 
 
 async def test_only_one_reporter_at_a_time(conn: asyncpg.Connection, billing_url: str) -> None:
-    assert await billing.try_lock(conn)
+    assert await reporter.try_lock(conn)
     try:
-        assert await billing.run_once(Settings(database_url=billing_url), None) is None
+        assert await reporter.run_once(Settings(database_url=billing_url), None) is None
     finally:
         await conn.execute("SELECT pg_advisory_unlock_all()")
-    assert await billing.run_once(Settings(database_url=billing_url), None) is not None
+    assert await reporter.run_once(Settings(database_url=billing_url), None) is not None
 
 
 async def test_pgmq_sink_sends_every_message_once(
@@ -303,11 +303,11 @@ async def test_pgmq_sink_sends_every_message_once(
     h = await this_hour(conn)
     await set_watermark(conn, h - 2 * HOUR)
     await seed(conn, ("o", "i", "m", h - 2 * HOUR, 1, 2), ("o", "i", "m", h - HOUR, 3, 4))
-    await billing.report(conn, NO_GRACE, MARGIN)
+    await reporter.report(conn, NO_GRACE, MARGIN)
     sink = PgmqSink(queue_url, "billing_test")
     try:
-        assert await billing.deliver(conn, sink) == 2
-        assert await billing.deliver(conn, sink) == 0
+        assert await reporter.deliver(conn, sink) == 2
+        assert await reporter.deliver(conn, sink) == 0
     finally:
         await sink.close()
     queue = await asyncpg.connect(queue_url)
@@ -348,12 +348,12 @@ async def test_webhook_sink_retries_a_failure(conn: asyncpg.Connection) -> None:
     h = await this_hour(conn)
     await set_watermark(conn, h - HOUR)
     await seed(conn, ("org", "inst", "m", h - HOUR, 7, 8))
-    await billing.report(conn, NO_GRACE, MARGIN)
+    await reporter.report(conn, NO_GRACE, MARGIN)
     receiver = Receiver(failures=1)
     runner, url = await serve(receiver)
     sink = WebhookSink(url, timeout=5, retries=2, backoff=0.05)
     try:
-        assert await billing.deliver(conn, sink) == 1
+        assert await reporter.deliver(conn, sink) == 1
     finally:
         await sink.close()
         await runner.cleanup()
@@ -372,15 +372,15 @@ async def test_webhook_down_keeps_messages_in_order(conn: asyncpg.Connection) ->
     h = await this_hour(conn)
     await set_watermark(conn, h - 2 * HOUR)
     await seed(conn, ("o", "i", "m", h - 2 * HOUR, 1, 1), ("o", "i", "m", h - HOUR, 1, 1))
-    await billing.report(conn, NO_GRACE, MARGIN)
+    await reporter.report(conn, NO_GRACE, MARGIN)
     receiver = Receiver(failures=1000)
     runner, url = await serve(receiver)
     sink = WebhookSink(url, timeout=5, retries=1, backoff=0.01)
     try:
         with pytest.raises(Exception, match="503"):
-            await billing.deliver(conn, sink)
+            await reporter.deliver(conn, sink)
         receiver.failures = 0
-        assert await billing.deliver(conn, sink) == 2
+        assert await reporter.deliver(conn, sink) == 2
     finally:
         await sink.close()
         await runner.cleanup()

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from inference_gateway.config import ConfigError, load_settings
-from inference_gateway.routing import Router
+from inference_gateway.routing.router import Router
+from inference_gateway.settings import ConfigError, load_settings
 
 
 def test_original_variables_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

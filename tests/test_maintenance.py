@@ -20,15 +20,15 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from inference_gateway.config import Settings, load_settings
-from inference_gateway.maintenance import (
+from inference_gateway.db.maintenance import (
     CronSchedule,
     apply_maintenance_settings,
     register,
     run_maintenance_now,
     run_scheduler,
 )
-from inference_gateway.migrate import migrate
+from inference_gateway.db.migrate import migrate
+from inference_gateway.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 UTC = dt.UTC

@@ -7,11 +7,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from inference_gateway.config import load_settings
-from inference_gateway.metering import Meter
-from inference_gateway.spool import DEAD_LETTER_FILE
-from inference_gateway.usage import UsageRecord
-from inference_gateway.writer import WriteResult
+from inference_gateway.metering.meter import Meter
+from inference_gateway.metering.record import UsageRecord
+from inference_gateway.metering.spool import DEAD_LETTER_FILE
+from inference_gateway.metering.writer import WriteResult
+from inference_gateway.settings import load_settings
 
 
 def record(i: int) -> UsageRecord:

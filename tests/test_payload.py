@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from inference_gateway.errors import GatewayError
-from inference_gateway.payload import parse, upstream_body
+from inference_gateway.proxy.errors import GatewayError
+from inference_gateway.proxy.payload import parse, upstream_body
 
 
 def test_unchanged_body_is_forwarded_as_is() -> None:

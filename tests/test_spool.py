@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from inference_gateway.spool import Spool, decode_line, encode_line, spool_status
-from inference_gateway.usage import UsageRecord
+from inference_gateway.metering.record import UsageRecord
+from inference_gateway.metering.spool import Spool, decode_line, encode_line, spool_status
 
 
 def record(i: int) -> UsageRecord:

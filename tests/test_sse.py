@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 
-from inference_gateway.sse import DONE, StreamFilter
-from inference_gateway.usage import Usage
+from inference_gateway.metering.readers import Usage
+from inference_gateway.proxy.sse import DONE, StreamFilter
 
 
 def chunk(i: int, usage: tuple[int, int] | None) -> bytes:

@@ -18,12 +18,12 @@ import openai
 import pytest
 from multidict import CIMultiDict
 
-from inference_gateway.config import Settings
-from inference_gateway.errors import GatewayError
-from inference_gateway.keys import KeyRing, hash_key, new_key
-from inference_gateway.orgs import OrgGate
-from inference_gateway.tenancy import AuthMode, Tenant, identify
-from inference_gateway.tenant_caches import TenantCaches
+from inference_gateway.proxy.errors import GatewayError
+from inference_gateway.settings import Settings
+from inference_gateway.tenants.caches import TenantCaches
+from inference_gateway.tenants.identity import AuthMode, Tenant, identify
+from inference_gateway.tenants.keys import KeyRing, hash_key, new_key
+from inference_gateway.tenants.orgs import OrgGate
 
 from harness import Proc, free_port, start_gateway
 

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import json
 
-from inference_gateway.usage import Usage, UsageRecord, read_usage, usage_span
+from inference_gateway.metering.readers import Usage, read_usage, usage_span
+from inference_gateway.metering.record import UsageRecord
 
 
 def test_reads_usage_at_the_end() -> None:

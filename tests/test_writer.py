@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from inference_gateway import writer as writer_module
-from inference_gateway.usage import UsageRecord
-from inference_gateway.writer import PACE_ROWS, PostgresWriter, row
+from inference_gateway.metering import writer as writer_module
+from inference_gateway.metering.record import UsageRecord
+from inference_gateway.metering.writer import PACE_ROWS, PostgresWriter, row
 
 
 def records(n: int, org: str, **overrides: object) -> list[UsageRecord]:

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from inference_gateway.config import ConfigError, Settings, load_settings
+from inference_gateway.settings import ConfigError, Settings, load_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 T = TypeVar("T")
@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway.migrate import prepare_database
+    from inference_gateway.db.migrate import prepare_database
 
     applied = asyncio.run(prepare_database(settings))
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
@@ -56,7 +56,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway.spool import spool_status
+    from inference_gateway.metering.spool import spool_status
 
     status = spool_status(settings.spool_dir)
     age = status.oldest_pending_age_sec
@@ -71,7 +71,7 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _orgs(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway import orgs
+    from inference_gateway.tenants import orgs
 
     if args.orgs_command == "list":
         rows = _with_db(settings, lambda conn: orgs.list_orgs(conn, args.org))
@@ -87,7 +87,7 @@ def _orgs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway import keys
+    from inference_gateway.tenants import keys
 
     try:
         key, prefix = _with_db(settings, lambda conn: keys.create_key(conn, args.org,
@@ -102,7 +102,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway import keys
+    from inference_gateway.tenants import keys
 
     rows = _with_db(settings, lambda conn: keys.list_keys(conn, args.org))
     print("prefix\torganization_id\tinstance_id\tcreated_at\tlast_used_at\trevoked_at")
@@ -114,7 +114,7 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway import keys
+    from inference_gateway.tenants import keys
 
     if not _with_db(settings, lambda conn: keys.revoke_key(conn, args.prefix)):
         print(f"inference-gateway: no live key with prefix {args.prefix!r}", file=sys.stderr)
@@ -124,8 +124,8 @@ def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway.billing import run_once, run_reporter
-    from inference_gateway.billing_sinks import open_sink
+    from inference_gateway.billing.reporter import run_once, run_reporter
+    from inference_gateway.billing.sinks import open_sink
 
     try:
         sink = open_sink(settings)
@@ -155,7 +155,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _usage(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway import usage_report
+    from inference_gateway.portal import usage_report
 
     start, end = usage_report.default_range()
     try:
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_tenant_commands(sub)
     _add_billing_commands(sub)
-    from inference_gateway.maintenance import register
+    from inference_gateway.db.maintenance import register
 
     register(sub)
     return parser

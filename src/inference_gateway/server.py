@@ -19,8 +19,8 @@ import time
 
 from aiohttp import web
 
-from inference_gateway.app import create_app
-from inference_gateway.config import Settings
+from inference_gateway.proxy.app import create_app
+from inference_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_worker(settings: Settings) -> None:
 
 
 async def _prepare_database(settings: Settings) -> None:
-    from inference_gateway.migrate import prepare_database
+    from inference_gateway.db.migrate import prepare_database
 
     applied = await prepare_database(settings)
     if applied:

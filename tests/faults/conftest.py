@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from inference_gateway.migrate import migrate
+from inference_gateway.db.migrate import migrate
 
 from harness import ROOT, free_port
 

@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from inference_gateway.errors import GatewayError
+from inference_gateway.proxy.errors import GatewayError
 
 if TYPE_CHECKING:
-    from inference_gateway.keys import KeyRing
-    from inference_gateway.orgs import OrgGate
+    from inference_gateway.tenants.keys import KeyRing
+    from inference_gateway.tenants.orgs import OrgGate
 
 ORG_HEADER = "X-TEMBO-ORG"
 INSTANCE_HEADER = "X-TEMBO-INSTANCE"

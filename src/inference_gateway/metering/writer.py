@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from inference_gateway.usage import COLUMNS, UsageRecord
+from inference_gateway.metering.record import COLUMNS, UsageRecord
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ not ask for. Pure functions over bytes; the relay feeds it chunks as they arrive
 
 from __future__ import annotations
 
-from inference_gateway.usage import Usage, usage_span
+from inference_gateway.metering.readers import Usage, usage_span
 
 _DATA = b"data: "
 _EMPTY_CHOICES = b'"choices":[]'

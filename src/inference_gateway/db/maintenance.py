@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 
-from inference_gateway.config import Settings
+from inference_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
 
-from inference_gateway.config import Settings
-from inference_gateway.keys import KeyRing
-from inference_gateway.orgs import OrgGate
-from inference_gateway.tenancy import Tenant, identify
+from inference_gateway.settings import Settings
+from inference_gateway.tenants.identity import Tenant, identify
+from inference_gateway.tenants.keys import KeyRing
+from inference_gateway.tenants.orgs import OrgGate
 
 log = logging.getLogger(__name__)
 

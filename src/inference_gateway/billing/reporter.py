@@ -30,8 +30,8 @@ from itertools import groupby
 import asyncpg
 import orjson
 
-from inference_gateway.billing_sinks import OutboxMessage, Sink, open_sink
-from inference_gateway.config import Settings
+from inference_gateway.billing.sinks import OutboxMessage, Sink, open_sink
+from inference_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,11 @@
-"""The usage record, and reading token counts out of model-server responses.
+"""Reading token counts out of model-server responses.
 
 Everything here is a pure function of bytes so that it is cheap to test and cheap to run.
 """
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
@@ -18,54 +16,6 @@ _USAGE_KEY = b'"usage"'
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One metered request, as it is spooled and stored in ``inference.requests``."""
-
-    request_id: str
-    organization_id: str
-    instance_id: str
-    model: str
-    requested_model: str
-    endpoint: str
-    prompt_tokens: int
-    completion_tokens: int
-    status: int
-    streamed: bool
-    disconnected: bool
-    duration_ms: int
-    ttfb_ms: int | None
-    started_at: float  # seconds since the epoch
-    completed_at: float
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(self)  # orjson serialises dataclasses natively, and fast
-
-    @classmethod
-    def from_json(cls, data: bytes) -> UsageRecord:
-        fields: dict[str, Any] = orjson.loads(data)
-        return cls(**fields)
-
-
-COLUMNS = (
-    "request_id",
-    "organization_id",
-    "instance_id",
-    "model",
-    "requested_model",
-    "endpoint",
-    "prompt_tokens",
-    "completion_tokens",
-    "status",
-    "streamed",
-    "disconnected",
-    "duration_ms",
-    "ttfb_ms",
-    "started_at",
-    "completed_at",
-)
 
 
 def _as_usage(value: object) -> Usage | None:
@@ -150,7 +100,3 @@ def read_usage(body: bytes) -> Usage | None:
     if span is not None:
         return span[2]
     return None
-
-
-def new_request_id() -> str:
-    return str(uuid.uuid4())

@@ -21,7 +21,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from inference_gateway.config import ConfigError, Settings
+from inference_gateway.settings import ConfigError, Settings
 
 CLOUDEVENT_SOURCE = "/inference-gateway/billing"
 CLOUDEVENT_TYPE = "inference-gateway.usage.hourly"

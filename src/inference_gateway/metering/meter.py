@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from inference_gateway.config import Settings
-from inference_gateway.spool import Batch, Spool
-from inference_gateway.usage import UsageRecord
-from inference_gateway.writer import PACE_ROWS, PostgresWriter, WriteResult
+from inference_gateway.metering.record import UsageRecord
+from inference_gateway.metering.spool import Batch, Spool
+from inference_gateway.metering.writer import PACE_ROWS, PostgresWriter, WriteResult
+from inference_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,19 +16,19 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from inference_gateway.billing import start_reporter
-from inference_gateway.config import Settings
-from inference_gateway.errors import GatewayError, error_response
-from inference_gateway.maintenance import run_scheduler
-from inference_gateway.metering import Meter
-from inference_gateway.migrate import pending_migrations
-from inference_gateway.payload import parse, upstream_body
-from inference_gateway.relay import CLIENT_CLOSED, Outcome, Relay
-from inference_gateway.routing import Router
-from inference_gateway.sse import StreamFilter
-from inference_gateway.tenancy import Tenant
-from inference_gateway.tenant_caches import TenantCaches
-from inference_gateway.usage import UsageRecord, new_request_id
+from inference_gateway.billing.reporter import start_reporter
+from inference_gateway.db.maintenance import run_scheduler
+from inference_gateway.db.migrate import pending_migrations
+from inference_gateway.metering.meter import Meter
+from inference_gateway.metering.record import UsageRecord, new_request_id
+from inference_gateway.proxy.errors import GatewayError, error_response
+from inference_gateway.proxy.payload import parse, upstream_body
+from inference_gateway.proxy.relay import CLIENT_CLOSED, Outcome, Relay
+from inference_gateway.proxy.sse import StreamFilter
+from inference_gateway.routing.router import Router
+from inference_gateway.settings import Settings
+from inference_gateway.tenants.caches import TenantCaches
+from inference_gateway.tenants.identity import Tenant
 
 log = logging.getLogger(__name__)
 

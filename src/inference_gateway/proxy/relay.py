@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from inference_gateway.errors import error_body
-from inference_gateway.sse import DONE, StreamFilter
-from inference_gateway.upstream import Pool, Response, UpstreamError, UpstreamTimeout
-from inference_gateway.usage import Usage, read_usage
+from inference_gateway.metering.readers import Usage, read_usage
+from inference_gateway.proxy.errors import error_body
+from inference_gateway.proxy.sse import DONE, StreamFilter
+from inference_gateway.proxy.upstream import Pool, Response, UpstreamError, UpstreamTimeout
 
 # Response headers that describe one hop's connection, not the response itself.
 _HOP_BY_HOP = frozenset(

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from inference_gateway.errors import GatewayError
+from inference_gateway.proxy.errors import GatewayError
 
 
 @dataclass(frozen=True, slots=True)

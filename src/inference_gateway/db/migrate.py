@@ -13,7 +13,7 @@ from importlib import resources
 
 import asyncpg
 
-from inference_gateway.config import Settings
+from inference_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Migration:
 
 
 def available_migrations() -> list[Migration]:
-    folder = resources.files("inference_gateway") / "migrations"
+    folder = resources.files("inference_gateway.db") / "migrations"
     files = sorted(
         (f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name
     )
@@ -93,7 +93,7 @@ async def migrate(dsn: str) -> list[str]:
 
 async def prepare_database(settings: Settings) -> list[str]:
     """Migrate, then hand the maintenance settings (retention, schedule) to the database."""
-    from inference_gateway.maintenance import apply_maintenance_settings
+    from inference_gateway.db.maintenance import apply_maintenance_settings
 
     applied = await migrate(settings.database_url)
     conn = await asyncpg.connect(settings.database_url, timeout=10)

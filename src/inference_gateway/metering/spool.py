@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from inference_gateway.usage import UsageRecord
+from inference_gateway.metering.record import UsageRecord
 
 log = logging.getLogger(__name__)
 
