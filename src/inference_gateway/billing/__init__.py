@@ -1,1 +1,1 @@
-"""billing"""
+"""The hourly usage reporter and the sinks its events go to."""

@@ -1,1 +1,1 @@
-"""db"""
+"""Migrations and the database's upkeep: partition maintenance."""

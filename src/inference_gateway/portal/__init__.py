@@ -1,1 +1,1 @@
-"""portal"""
+"""The read side: usage as tenants and operators see it."""

@@ -1,1 +1,1 @@
-"""proxy"""
+"""The request path: the HTTP application, the /v1 handler, payload, relay, upstream client, SSE, errors."""

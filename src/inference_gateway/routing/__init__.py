@@ -1,1 +1,1 @@
-"""routing"""
+"""Which model server answers for a model name."""
