@@ -88,13 +88,13 @@ async def this_hour(conn: asyncpg.Connection) -> datetime:
 
 async def seed(conn: asyncpg.Connection, *rows: tuple[str, str, str, datetime, int, int]) -> None:
     """Rows ``(org, instance, model, completed_at, prompt, completion)``, ingested a second
-    after they completed, as the live path does."""
+    after they completed, as the live path does; a tenth of each prompt came from the cache."""
     await conn.executemany(
         "INSERT INTO inference.requests (request_id, organization_id, instance_id, model, "
         "requested_model, endpoint, prompt_tokens, completion_tokens, status, duration_ms, "
-        "started_at, completed_at, ingested_at) "
-        "VALUES ($1, $2, $3, $4, $4, '/v1/chat/completions', $5, $6, 200, 10, $7, $7, $8)",
-        [(uuid.uuid4(), org, inst, model, p, c, at, at + timedelta(seconds=1))
+        "started_at, completed_at, ingested_at, cached_tokens) "
+        "VALUES ($1, $2, $3, $4, $4, '/v1/chat/completions', $5, $6, 200, 10, $7, $7, $8, $9)",
+        [(uuid.uuid4(), org, inst, model, p, c, at, at + timedelta(seconds=1), p // 10)
          for org, inst, model, at, p, c in rows],
     )
 
@@ -163,6 +163,7 @@ async def test_three_hours_make_the_right_events_and_watermark(conn: asyncpg.Con
             "model": "m1",
             "prompt_tokens": "30",
             "completion_tokens": "12",
+            "cached_tokens": "3",
         },
     }
     assert found[key("inst-2", "m1", start + HOUR)]["payload"]["prompt_tokens"] == "100"
@@ -250,7 +251,8 @@ async def test_late_record_makes_exactly_one_correction(
             "organization_id": "org",
             "instance_id": "inst",
             "payload": {"completed_at": f"{hour:%Y-%m-%d} {hour:%H}:59:00 UTC", "model": "m",
-                        "prompt_tokens": "3", "completion_tokens": "4"},
+                        "prompt_tokens": "3", "completion_tokens": "4",
+                        "cached_tokens": "0"},
         }]
         assert len(events(messages)) == 2
 

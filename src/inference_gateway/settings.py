@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from inference_gateway.proxy.endpoints import KNOWN_PATHS
+
 
 class ConfigError(Exception):
     """A setting has a value the gateway cannot use; the message names the variable."""
@@ -59,6 +61,10 @@ class Settings(BaseSettings):
     upstream_connect_timeout_sec: float = Field(default=5.0, gt=0)
     upstream_timeout_sec: float = Field(default=600.0, gt=0)
     upstream_max_connections: int = Field(default=1000, ge=1)  # idle keep-alive, per server
+    # Which /v1 endpoints are forwarded (every one the gateway can meter, by default).
+    forwarded_endpoints: Annotated[tuple[str, ...], NoDecode] = KNOWN_PATHS
+    max_n: int | None = Field(default=128, ge=1)  # the most choices one request may ask for
+    max_tokens: int | None = Field(default=None, ge=1)  # the most tokens one may ask to generate
 
     usage_batch_size: int = Field(default=1000, ge=1, le=100_000)
     usage_flush_interval_ms: int = Field(default=50, ge=1)
@@ -101,6 +107,27 @@ class Settings(BaseSettings):
                 pairs[name] = url.rstrip("/")
             return pairs
         return value
+
+    @field_validator("forwarded_endpoints", mode="before")
+    @classmethod
+    def _parse_endpoints(cls, value: object) -> object:
+        if isinstance(value, str):
+            paths = tuple(p.strip() for p in value.split(",") if p.strip())
+            unknown = [p for p in paths if p not in KNOWN_PATHS]
+            if unknown:
+                raise ValueError(
+                    f"{', '.join(unknown)}: not an endpoint the gateway can meter; "
+                    f"choose from {', '.join(KNOWN_PATHS)}")
+            if not paths:
+                raise ValueError("name at least one endpoint")
+            return paths
+        return value
+
+    @field_validator("max_n", "max_tokens", mode="before")
+    @classmethod
+    def _none_for_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") \
+            else value
 
     @field_validator("model_rewrites", mode="before")
     @classmethod

@@ -55,7 +55,8 @@ SELECT date_trunc('hour', completed_at, 'UTC') AS period_start,
        organization_id, instance_id, model,
        max(completed_at) AS completed_at,
        sum(prompt_tokens)::bigint AS prompt_tokens,
-       sum(completion_tokens)::bigint AS completion_tokens
+       sum(completion_tokens)::bigint AS completion_tokens,
+       sum(cached_tokens)::bigint AS cached_tokens
   FROM inference.requests
  WHERE {where}
  GROUP BY 1, 2, 3, 4
@@ -81,6 +82,7 @@ class HourlyUsage:
     completed_at: datetime  # the last request's
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # of prompt_tokens, read from the prefix cache: priced apart
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +115,10 @@ def idempotency_key(usage: HourlyUsage, revision: int = 0) -> str:
 
 
 def event(usage: HourlyUsage, revision: int = 0) -> dict[str, object]:
-    """One event, in the original's shape (token counts are strings there)."""
+    """One event, in the original's shape (token counts are strings there).
+
+    ``cached_tokens`` is ours: the part of ``prompt_tokens`` vLLM read from its prefix cache.
+    """
     return {
         "idempotency_key": idempotency_key(usage, revision),
         "organization_id": usage.organization_id,
@@ -123,6 +128,7 @@ def event(usage: HourlyUsage, revision: int = 0) -> dict[str, object]:
             "model": usage.model,
             "prompt_tokens": str(usage.prompt_tokens),
             "completion_tokens": str(usage.completion_tokens),
+            "cached_tokens": str(usage.cached_tokens),
         },
     }
 

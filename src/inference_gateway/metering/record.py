@@ -1,9 +1,15 @@
-"""The usage record: one metered request, as it is spooled and stored in ``inference.requests``."""
+"""The usage record: one metered request, as it is spooled and stored in ``inference.requests``.
+
+The dataclass is the one list of the record's fields: the spool's JSON, the table's column list
+and the row given to COPY all follow it. A field added later has a default, so that records
+spooled by an older gateway still load.
+"""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -11,12 +17,12 @@ import orjson
 
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """One metered request, as it is spooled and stored in ``inference.requests``."""
+    """One metered request; each field is a column of ``inference.requests`` of the same name."""
 
     request_id: str
     organization_id: str
     instance_id: str
-    model: str
+    model: str  # the served name, after MODEL_REWRITES
     requested_model: str
     endpoint: str
     prompt_tokens: int
@@ -28,33 +34,23 @@ class UsageRecord:
     ttfb_ms: int | None
     started_at: float  # seconds since the epoch
     completed_at: float
+    cached_tokens: int = 0  # of prompt_tokens, those read from vLLM's prefix cache
+    upstream_id: str | None = None  # the model server's id of its answer (resp_..., chatcmpl-...)
+    replica: str | None = None  # the model server that answered (its base URL)
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)  # orjson serialises dataclasses natively, and fast
 
     @classmethod
     def from_json(cls, data: bytes) -> UsageRecord:
-        fields: dict[str, Any] = orjson.loads(data)
-        return cls(**fields)
+        members: dict[str, Any] = orjson.loads(data)
+        return cls(**members)
 
 
-COLUMNS = (
-    "request_id",
-    "organization_id",
-    "instance_id",
-    "model",
-    "requested_model",
-    "endpoint",
-    "prompt_tokens",
-    "completion_tokens",
-    "status",
-    "streamed",
-    "disconnected",
-    "duration_ms",
-    "ttfb_ms",
-    "started_at",
-    "completed_at",
-)
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRecord))
+
+# The record's values in the order of COLUMNS, as one C call.
+values: attrgetter[tuple[Any, ...]] = attrgetter(*COLUMNS)
 
 
 def new_request_id() -> str:

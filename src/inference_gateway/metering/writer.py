@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from inference_gateway.metering.record import COLUMNS, UsageRecord
+from inference_gateway.metering.record import COLUMNS, UsageRecord, values
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,7 @@ def row(record: UsageRecord) -> tuple[object, ...]:
     Times stay floats and the id a string: the connection's codecs encode them directly, which
     costs less than building ``datetime`` and ``UUID`` objects for every row.
     """
-    return (
-        record.request_id, record.organization_id, record.instance_id, record.model,
-        record.requested_model, record.endpoint, record.prompt_tokens,
-        record.completion_tokens, record.status, record.streamed, record.disconnected,
-        record.duration_ms, record.ttfb_ms, record.started_at, record.completed_at,
-    )
+    return values(record)
 
 
 def pieces(rows: list[tuple[object, ...]]) -> list[list[tuple[object, ...]]]:

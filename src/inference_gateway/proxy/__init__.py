@@ -1,1 +1,1 @@
-"""The request path: the HTTP application, the /v1 handler, payload, relay, upstream client, SSE, errors."""
+"""The request path: the HTTP application, the /v1 handler, payload, relay, upstream, SSE."""

@@ -1,7 +1,7 @@
-"""Wires the pieces into one aiohttp application: tenant, payload, routing, relay, metering.
+"""The aiohttp application: routes, the small handlers, and the request path's resources.
 
-The request path never waits on Postgres: a finished usage record is handed to the meter, which
-appends it to the local spool and returns.
+``/v1`` requests go to ``ProxyHandler``; the rest (models, probes, CORS pre-flight, unknown
+paths) is answered here.
 """
 
 from __future__ import annotations
@@ -20,22 +20,18 @@ from inference_gateway.billing.reporter import start_reporter
 from inference_gateway.db.maintenance import run_scheduler
 from inference_gateway.db.migrate import pending_migrations
 from inference_gateway.metering.meter import Meter
-from inference_gateway.metering.record import UsageRecord, new_request_id
-from inference_gateway.proxy.errors import GatewayError, error_response
-from inference_gateway.proxy.payload import parse, upstream_body
-from inference_gateway.proxy.relay import CLIENT_CLOSED, Outcome, Relay
-from inference_gateway.proxy.sse import StreamFilter
+from inference_gateway.proxy.endpoints import EndpointTable, dialect_of
+from inference_gateway.proxy.errors import error_response
+from inference_gateway.proxy.handler import CORS_HEADERS, ProxyHandler
+from inference_gateway.proxy.payload import Caps
+from inference_gateway.proxy.relay import Relay
+from inference_gateway.proxy.stored_responses import StoredResponses
 from inference_gateway.routing.router import Router
 from inference_gateway.settings import Settings
 from inference_gateway.tenants.caches import TenantCaches
-from inference_gateway.tenants.identity import Tenant
 
 log = logging.getLogger(__name__)
 
-CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "X-Request-Id",
-}
 PREFLIGHT_HEADERS = {
     **CORS_HEADERS,
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
@@ -53,7 +49,13 @@ class Gateway:
         self.router = Router(settings.model_service_port_map, settings.model_rewrites)
         self.meter = meter or Meter(settings)
         self.tenants = TenantCaches(settings)
-        self.relay: Relay | None = None
+        self.stored = StoredResponses(settings.database_url)
+        self.relay = Relay(self.router.upstreams(), settings.upstream_connect_timeout_sec,
+                           settings.upstream_timeout_sec, settings.upstream_max_connections)
+        self.proxy = ProxyHandler(
+            EndpointTable(settings.forwarded_endpoints), self.router, self.tenants, self.meter,
+            self.relay, self.stored, Caps(settings.max_n, settings.max_tokens),
+            settings.max_request_body_bytes)
         self.ready = False
         self.started = int(time.time())
         self._models_body = orjson.dumps(
@@ -72,91 +74,7 @@ class Gateway:
             model["root"] = route.served_model
         return model
 
-    def identify(self, request: web.Request) -> Tenant:
-        """The request's tenant, from in-memory caches only (see ``tenancy``)."""
-        return self.tenants.identify(request.headers)
-
     # -- handlers -------------------------------------------------------------------------------
-
-    async def proxy(self, request: web.Request) -> web.StreamResponse:
-        t0 = time.monotonic()
-        started_at = time.time()
-        request_id = new_request_id()
-        headers = {"X-Request-Id": request_id, **CORS_HEADERS}
-        try:
-            tenant = self.identify(request)
-            if not self.meter.accepting():
-                raise GatewayError(503, "usage metering is unavailable (spool full); retry later",
-                                   code="metering_unavailable")
-            raw = await self._read_body(request)
-            payload = parse(raw)
-            route = self.router.resolve(payload.model)
-            if route is None:
-                raise GatewayError(404, f"The model `{payload.model}` does not exist.",
-                                   param="model", code="model_not_found")
-        except GatewayError as exc:
-            return exc.response(headers)
-        assert self.relay is not None
-        body = upstream_body(raw, payload, route.served_model)
-        stream_filter = (
-            # vLLM ignores continuous_usage_stats without include_usage, and so does the filter.
-            StreamFilter(payload.client_usage,
-                         payload.client_usage and payload.client_continuous_usage)
-            if payload.stream else None
-        )
-        outcome = Outcome()
-        metered = False
-
-        def finish() -> None:
-            nonlocal metered
-            if metered:
-                return
-            metered = True
-            usage = outcome.usage
-            self.meter.submit(
-                UsageRecord(
-                    request_id=request_id,
-                    organization_id=tenant.organization_id,
-                    instance_id=tenant.instance_id,
-                    model=route.served_model,
-                    requested_model=payload.model,
-                    endpoint=request.path,
-                    prompt_tokens=usage.prompt_tokens if usage else 0,
-                    completion_tokens=usage.completion_tokens if usage else 0,
-                    status=outcome.status or CLIENT_CLOSED,
-                    streamed=payload.stream,
-                    disconnected=outcome.disconnected,
-                    duration_ms=int((time.monotonic() - t0) * 1000),
-                    ttfb_ms=(
-                        None if outcome.first_byte_at is None
-                        else int((outcome.first_byte_at - t0) * 1000)
-                    ),
-                    started_at=started_at,
-                    completed_at=time.time(),
-                )
-            )
-
-        try:
-            return await self.relay.forward(
-                request, route.upstream, body, outcome, headers, stream_filter,
-                finish,
-            )
-        except asyncio.CancelledError:
-            outcome.disconnected = True  # the client went away; the relay closed the upstream
-            raise
-        finally:
-            finish()  # errors and disconnects are metered too
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.settings.max_request_body_bytes
-        too_large = GatewayError(413, f"request body is larger than {limit} bytes",
-                                 code="request_too_large")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
 
     async def models(self, request: web.Request) -> web.Response:
         return web.Response(body=self._models_body, content_type="application/json",
@@ -183,7 +101,8 @@ class Gateway:
 
     async def not_found(self, request: web.Request) -> web.Response:
         return error_response(404, f"Unknown endpoint: {request.method} {request.path}",
-                              code="unknown_url", headers=CORS_HEADERS)
+                              code="unknown_url", headers=CORS_HEADERS,
+                              dialect=dialect_of(request.path))
 
     # -- background -----------------------------------------------------------------------------
 
@@ -211,8 +130,6 @@ class Gateway:
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         settings = self.settings
         reporter = start_reporter(settings)  # first: it rejects incomplete sink settings
-        self.relay = Relay(self.router.upstreams(), settings.upstream_connect_timeout_sec,
-                           settings.upstream_timeout_sec, settings.upstream_max_connections)
         await self.meter.start()
         await self.tenants.start()
         readiness = asyncio.create_task(self._watch_readiness(), name="readiness")
@@ -228,7 +145,9 @@ class Gateway:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            await self.proxy.drain()
             await self.tenants.close()
+            await self.stored.close()
             self.relay.close()
             await self.meter.close()
 
@@ -238,12 +157,14 @@ def create_app(settings: Settings, meter: Meter | None = None) -> web.Applicatio
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(gateway.lifespan)
-    app.router.add_post("/v1/{tail:.+}", gateway.proxy)
+    # aiohttp looks routes up by their first path segment: /v1 needs its own pre-flight route.
+    app.router.add_route("OPTIONS", "/v1/{tail:.*}", gateway.preflight)
     app.router.add_get("/v1/models", gateway.models)
     app.router.add_get("/v1/models/{name:.+}", gateway.model)
+    app.router.add_route("*", "/v1/{tail:.+}", gateway.proxy.handle)
+    app.router.add_route("OPTIONS", "/{tail:.*}", gateway.preflight)
     app.router.add_get("/ready", gateway.ready_probe)
     app.router.add_get("/lively", gateway.lively)
-    app.router.add_route("OPTIONS", "/{tail:.*}", gateway.preflight)
     app.router.add_route("*", "/{tail:.*}", gateway.not_found)
     return app
 

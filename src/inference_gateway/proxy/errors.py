@@ -1,11 +1,19 @@
-"""OpenAI-style error bodies: the one shape every error a client can get from the gateway has."""
+"""The error bodies a client can get from the gateway itself, in the dialect of its endpoint.
+
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, everywhere; Anthropic's,
+``{"type": "error", "error": {"type", "message"}}``, on the Messages API, whose SDK reads that.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import orjson
 from aiohttp import web
 
-_TYPES = {
+Dialect = Literal["openai", "anthropic"]
+
+_OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
@@ -17,15 +25,35 @@ _TYPES = {
     503: "api_error",
     504: "api_error",
 }
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
 def error_body(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    dialect: Dialect = "openai",
 ) -> bytes:
-    """Serialise ``{"error": {...}}`` as OpenAI's API does."""
+    """Serialise an error as OpenAI's API does, or as Anthropic's does."""
+    if dialect == "anthropic":
+        kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500
+                                    else "invalid_request_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
     error = {
         "message": message,
-        "type": _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error"),
+        "type": _OPENAI_TYPES.get(status, "api_error" if status >= 500
+                                  else "invalid_request_error"),
         "param": param,
         "code": code,
     }
@@ -39,10 +67,11 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    dialect: Dialect = "openai",
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=error_body(status, message, param=param, code=code),
+        body=error_body(status, message, param=param, code=code, dialect=dialect),
         content_type="application/json",
         headers=headers,
     )
@@ -60,7 +89,7 @@ class GatewayError(Exception):
         self.param = param
         self.code = code
 
-    def response(self, headers: dict[str, str] | None = None) -> web.Response:
-        return error_response(
-            self.status, self.message, param=self.param, code=self.code, headers=headers
-        )
+    def response(self, headers: dict[str, str] | None = None,
+                 dialect: Dialect = "openai") -> web.Response:
+        return error_response(self.status, self.message, param=self.param, code=self.code,
+                              headers=headers, dialect=dialect)

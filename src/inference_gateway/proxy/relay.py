@@ -1,20 +1,24 @@
-"""Moves bytes between the client and the model server, and reports what it saw.
+"""Moves bytes between the client and the model server, and reports what it saw, once.
 
-The relay knows nothing of tenants or databases: it returns an ``Outcome`` (status, usage,
-timings, whether the client went away) and the caller turns that into a usage record.
+The relay knows nothing of tenants or databases. It fills one ``Outcome`` (status, usage,
+timings, whether the client went away) and hands it to the caller's callback exactly once:
+before the client has the last byte of a complete answer, or as the request ends in any other
+way (an error, the client hanging up, the task being cancelled).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from inference_gateway.metering.readers import Usage, read_usage
-from inference_gateway.proxy.errors import error_body
-from inference_gateway.proxy.sse import DONE, StreamFilter
+from inference_gateway.metering.readers import Shape, Usage, read_id, read_usage
+from inference_gateway.proxy.errors import Dialect, error_body
+from inference_gateway.proxy.event_streams import EventStream
+from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.upstream import Pool, Response, UpstreamError, UpstreamTimeout
 
 # Response headers that describe one hop's connection, not the response itself.
@@ -28,6 +32,22 @@ _HOP_BY_HOP = frozenset(
 _REQUEST_HEADERS = [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
 CLIENT_CLOSED = 499  # as nginx logs a request whose client went away before the answer
 
+StreamReader = StreamFilter | EventStream
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request to forward, as the handler prepared it."""
+
+    method: str
+    upstream: str  # the model server's base URL
+    path: str  # path and query string
+    body: bytes
+    shape: Shape  # how usage reads in the answer
+    bills: bool  # whether the answer's usage is billed
+    dialect: Dialect  # how the gateway's own errors read
+    reader: StreamReader | None  # prepared for a stream the client asked for
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -35,8 +55,11 @@ class Outcome:
 
     status: int = 0
     usage: Usage | None = None
+    final: bool = False  # usage is the answer's own count, not what was relayed so far
     disconnected: bool = False
     first_byte_at: float | None = None  # monotonic time the upstream's answer began
+    upstream_id: str | None = None
+    reader: StreamReader | None = None  # of a streamed answer: what was relayed
 
 
 def _copy_headers(upstream: Response, extra: dict[str, str]) -> list[tuple[str, str]]:
@@ -49,6 +72,11 @@ def _failure(exc: UpstreamError) -> tuple[int, str, str]:
     if isinstance(exc, UpstreamTimeout):
         return 504, "the model server did not answer in time", "upstream_timeout"
     return 502, f"the model server could not be reached: {exc}", "upstream_unreachable"
+
+
+def _passthrough(shape: Shape) -> StreamReader:
+    """A reader for a stream nobody prepared for: relays every byte, reads what usage it can."""
+    return StreamFilter(True, True) if shape == "openai" else EventStream(shape)
 
 
 class Relay:
@@ -66,49 +94,58 @@ class Relay:
         for pool in self.pools.values():
             pool.close()
 
-    async def forward(
-        self,
-        request: web.Request,
-        upstream: str,
-        body: bytes,
-        outcome: Outcome,
-        response_headers: dict[str, str],
-        stream_filter: StreamFilter | None,
-        finish: Callable[[], None],
-    ) -> web.StreamResponse:
-        """POST ``body`` to the same path on ``upstream``; relay the answer, filling ``outcome``.
+    async def forward(self, request: web.Request, exchange: Exchange,
+                      response_headers: dict[str, str],
+                      done: Callable[[Outcome], None]) -> web.StreamResponse:
+        """Send the exchange upstream and relay the answer; ``done`` gets the outcome once."""
+        outcome = Outcome()
+        reported = False
 
-        ``finish`` is called once the outcome is complete and before the client has the last
-        byte of the answer, so whatever it records cannot be lost to a crash after the client
-        was answered.
-        """
+        def report() -> None:
+            nonlocal reported
+            if not reported:
+                reported = True
+                reader = outcome.reader
+                if reader is not None:
+                    outcome.upstream_id = reader.upstream_id
+                    if exchange.bills and not outcome.disconnected:
+                        outcome.usage, outcome.final = reader.usage, reader.final
+                done(outcome)
+
         try:
-            answer = await self.pools[upstream].post(request.path_qs, body, _REQUEST_HEADERS)
+            return await self._forward(request, exchange, outcome, response_headers, report)
+        except asyncio.CancelledError:
+            outcome.disconnected = True  # the client went away; the upstream was closed
+            raise
+        finally:
+            report()
+
+    async def _forward(self, request: web.Request, exchange: Exchange, outcome: Outcome,
+                       response_headers: dict[str, str],
+                       report: Callable[[], None]) -> web.StreamResponse:
+        try:
+            answer = await self.pools[exchange.upstream].request(
+                exchange.method, exchange.path, exchange.body, _REQUEST_HEADERS)
         except UpstreamError as exc:
-            status, message, code = _failure(exc)
-            outcome.status = status
-            return _json(status, error_body(status, message, code=code), response_headers)
+            return self._error(exc, exchange, outcome, response_headers)
         outcome.first_byte_at = time.monotonic()
         try:
-            if (stream_filter is not None and answer.status == 200
-                    and answer.content_type == "text/event-stream"):
-                stream_filter.trailer = self.trailers.get(upstream)
-                try:
-                    return await self._stream(request, answer, outcome, response_headers,
-                                              stream_filter, finish)
-                finally:
-                    if stream_filter.learned is not None:
-                        self.trailers[upstream] = stream_filter.learned
+            if answer.status == 200 and answer.content_type == "text/event-stream":
+                reader = exchange.reader or _passthrough(exchange.shape)
+                outcome.reader = reader
+                return await self._stream(request, answer, exchange, reader, outcome,
+                                          response_headers, report)
             try:
                 data = await answer.read()
             except UpstreamError as exc:
-                status, message, code = _failure(exc)
-                outcome.status = status
-                return _json(status, error_body(status, message, code=code), response_headers)
+                return self._error(exc, exchange, outcome, response_headers)
             outcome.status = answer.status
             if answer.status < 300:
-                outcome.usage = read_usage(data)
-            finish()  # the response is sent after the handler returns
+                if exchange.bills:
+                    outcome.usage = read_usage(data, exchange.shape)
+                    outcome.final = outcome.usage is not None
+                outcome.upstream_id = read_id(data)
+            report()  # the response is sent after the handler returns
             return web.Response(status=answer.status, reason=answer.reason or None, body=data,
                                 headers=_copy_headers(answer, response_headers))
         finally:
@@ -116,51 +153,50 @@ class Relay:
             # (client gone, error) it closes it, which makes vLLM abort the generation.
             answer.release()
 
-    async def _stream(
-        self,
-        request: web.Request,
-        answer: Response,
-        outcome: Outcome,
-        response_headers: dict[str, str],
-        stream_filter: StreamFilter,
-        finish: Callable[[], None],
-    ) -> web.StreamResponse:
+    @staticmethod
+    def _error(exc: UpstreamError, exchange: Exchange, outcome: Outcome,
+               headers: dict[str, str]) -> web.Response:
+        status, message, code = _failure(exc)
+        outcome.status = status
+        return web.Response(status=status, content_type="application/json", headers=headers,
+                            body=error_body(status, message, code=code,
+                                            dialect=exchange.dialect))
+
+    async def _stream(self, request: web.Request, answer: Response, exchange: Exchange,
+                      reader: StreamReader, outcome: Outcome,
+                      response_headers: dict[str, str],
+                      report: Callable[[], None]) -> web.StreamResponse:
         outcome.status = answer.status
+        if isinstance(reader, StreamFilter):
+            reader.trailer = self.trailers.get(exchange.upstream)
         response = web.StreamResponse(status=answer.status,
                                       headers=_copy_headers(answer, response_headers))
         try:
             await response.prepare(request)
             try:
                 async for chunk in answer.iter_chunks():
-                    out = stream_filter.feed(chunk)
+                    out = reader.feed(chunk)
                     if out:
                         await response.write(out)
-                    outcome.usage = stream_filter.usage
+                        if exchange.bills:  # what the client was sent, should it go away
+                            outcome.usage = reader.usage
             except UpstreamError as exc:
                 # The model server broke off mid-stream: tell the client in-band, as vLLM does.
                 status, message, code = _failure(exc)
                 outcome.status = status
-                await response.write(
-                    stream_filter.finish()
-                    + b"data: " + error_body(status, message, code=code) + b"\n\n" + DONE
-                )
-                outcome.usage = stream_filter.usage
-                finish()
+                await response.write(reader.finish() + reader.error_event(message, code))
+                report()
                 await response.write_eof()
                 return response
-            rest = stream_filter.finish()
+            rest = reader.finish()
             if rest:
                 await response.write(rest)
-            outcome.usage = stream_filter.usage
-            finish()
-            await response.write_eof(DONE if stream_filter.done else b"")
+            report()
+            await response.write_eof(reader.tail())
         except ConnectionResetError:
-            # The client went away: outcome.usage still holds the counts of the last chunk
-            # it was sent.
+            # The client went away: the reader holds what it was sent.
             outcome.disconnected = True
+        finally:
+            if isinstance(reader, StreamFilter) and reader.learned is not None:
+                self.trailers[exchange.upstream] = reader.learned
         return response
-
-
-def _json(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json",
-                        headers=headers)

@@ -4,7 +4,8 @@ not ask for. Pure functions over bytes; the relay feeds it chunks as they arrive
 
 from __future__ import annotations
 
-from inference_gateway.metering.readers import Usage, usage_span
+from inference_gateway.metering.readers import Usage, openai_usage, read_id, usage_span
+from inference_gateway.proxy.errors import error_body
 
 _DATA = b"data: "
 _EMPTY_CHOICES = b'"choices":[]'
@@ -30,7 +31,7 @@ class StreamFilter:
     """
 
     __slots__ = ("_buffer", "_held", "_keep_continuous", "_keep_final", "done", "events",
-                 "learned", "trailer", "usage")
+                 "final", "learned", "trailer", "upstream_id", "usage")
 
     def __init__(self, keep_final_usage: bool, keep_continuous_usage: bool,
                  trailer: bytes | None = None) -> None:
@@ -41,6 +42,8 @@ class StreamFilter:
         self.trailer = trailer
         self.learned: bytes | None = None
         self.usage: Usage | None = None
+        self.final = False  # the usage-only chunk that closes the answer arrived
+        self.upstream_id: str | None = None
         self.events = 0  # data events passed to the client
         self.done = False  # the closing [DONE] arrived; it is held back, see ``feed``
 
@@ -82,6 +85,19 @@ class StreamFilter:
         self._release(out)
         return b"".join(out)
 
+    def tail(self) -> bytes:
+        """The held-back ``[DONE]``, to send once the usage is recorded."""
+        return DONE if self.done else b""
+
+    @staticmethod
+    def relayed_text() -> str:
+        return ""  # not needed: every chunk carries the running usage
+
+    @staticmethod
+    def error_event(message: str, code: str) -> bytes:
+        """An in-band error, as vLLM sends one when generation fails mid-stream."""
+        return b"data: " + error_body(502, message, code=code) + b"\n\n" + DONE
+
     def _observe_all(self, complete: bytes) -> None:
         for event in complete.split(b"\n\n")[:-1]:
             if event.startswith(_DATA):
@@ -89,14 +105,19 @@ class StreamFilter:
                 self._read_usage(event)
 
     def _read_usage(self, event: bytes) -> tuple[int, int] | None:
+        if self.upstream_id is None and event.startswith(_DATA):
+            self.upstream_id = read_id(event[len(_DATA):])
         if b'"usage"' not in event:
             return None
         span = usage_span(event)
         if span is None:
             return None
-        start, end, usage = span
+        start, end, value = span
+        usage = openai_usage(value)
         if usage is not None:
             self.usage = usage
+            if _EMPTY_CHOICES in event:
+                self.final = True
         return start, end
 
     def _release(self, out: list[bytes]) -> None:

@@ -1,4 +1,4 @@
-"""A small HTTP/1.1 client for the one thing the gateway does upstream: POST JSON, relay bytes.
+"""A small HTTP/1.1 client for the one thing the gateway does upstream: send JSON, relay bytes.
 
 A general client (aiohttp's) spends most of the gateway's CPU per request on features the
 gateway does not use: cookies, redirects, proxies, compression, multipart. This one keeps a pool
@@ -192,7 +192,11 @@ class Pool:
         return None
 
     async def post(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> Response:
-        """Send a POST; on a reused connection that turns out closed, retry once on a new one.
+        return await self.request("POST", path, body, headers)
+
+    async def request(self, method: str, path: str, body: bytes,
+                      headers: list[tuple[str, str]]) -> Response:
+        """Send a request; on a reused connection that turns out closed, retry once on a new one.
 
         The retry is safe only because it happens when not one byte of an answer came back.
         """
@@ -201,18 +205,18 @@ class Pool:
         conn = self._take()
         if conn is not None:
             try:
-                return await self._exchange(conn, path, body, headers)
+                return await self._exchange(conn, method, path, body, headers)
             except _StaleConnection:
                 pass
         conn = await self._connect()
         try:
-            return await self._exchange(conn, path, body, headers)
+            return await self._exchange(conn, method, path, body, headers)
         except _StaleConnection as exc:
             raise UpstreamError(str(exc)) from None
 
-    async def _exchange(self, conn: _Connection, path: str, body: bytes,
+    async def _exchange(self, conn: _Connection, method: str, path: str, body: bytes,
                         headers: list[tuple[str, str]]) -> Response:
-        head = [b"POST ", (self.prefix + path).encode(), b" HTTP/1.1\r\nHost: ",
+        head = [method.encode(), b" ", (self.prefix + path).encode(), b" HTTP/1.1\r\nHost: ",
                 self._host_header, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         for name, value in headers:
             head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]

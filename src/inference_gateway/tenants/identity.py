@@ -4,8 +4,9 @@ Three ways to name the tenant, chosen by ``AUTH_MODE``:
 
 * ``headers``: the ``X-TEMBO-ORG`` and ``X-TEMBO-INSTANCE`` headers, as in the original server,
   for deployments behind a trusted proxy that sets them;
-* ``keys``: an API key sent as ``Authorization: Bearer <key>``, bound to one organization and
-  one instance; tenant headers, if sent as well, must agree with the key;
+* ``keys``: an API key sent as ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as the
+  Anthropic SDK sends it), bound to one organization and one instance; tenant headers, if sent
+  as well, must agree with the key;
 * ``either`` (the default): a bearer token that looks like one of our keys is treated as a key,
   anything else (no token, or another service's token) falls back to the headers.
 
@@ -74,14 +75,13 @@ def tenant_from_headers(headers: Mapping[str, str]) -> Tenant:
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
-    """The token of ``Authorization: Bearer <token>``, or None when there is none."""
+    """The token of ``Authorization: Bearer <token>``, else of ``x-api-key``; None if neither."""
     value = headers.get("Authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
+    if value is not None:
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return headers.get("x-api-key", "").strip() or None
 
 
 def _check_headers_agree(headers: Mapping[str, str], tenant: Tenant) -> None:
@@ -102,7 +102,7 @@ def _tenant_from_key(headers: Mapping[str, str], mode: AuthMode, keys: KeyRing) 
     if token is None:
         if mode == "keys":
             raise GatewayError(
-                401, "Missing API key: send it as `Authorization: Bearer <key>`.",
+                401, "Missing API key: send it as `Authorization: Bearer <key>` or `x-api-key`.",
                 code="invalid_api_key",
             )
         return None

@@ -1,0 +1,229 @@
+"""The ``/v1`` handler: tenant, endpoint, payload, route, relay, and the usage record at the end.
+
+The request path never waits on Postgres: the finished record is handed to the meter, which
+appends it to the local spool. Only a stream that ended before its usage arrived (the client
+went away) waits for the model server to count what was relayed, in a task of its own, after
+the client is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+
+from aiohttp import web
+
+from inference_gateway.metering.meter import Meter
+from inference_gateway.metering.readers import Usage
+from inference_gateway.metering.record import UsageRecord, new_request_id
+from inference_gateway.proxy import tokenize
+from inference_gateway.proxy.endpoints import Endpoint, EndpointTable, dialect_of
+from inference_gateway.proxy.errors import GatewayError
+from inference_gateway.proxy.event_streams import EventStream
+from inference_gateway.proxy.payload import Caps, Payload, parse, upstream_body
+from inference_gateway.proxy.relay import CLIENT_CLOSED, Exchange, Outcome, Relay
+from inference_gateway.proxy.sse import StreamFilter
+from inference_gateway.proxy.stored_responses import Owner, StoredResponses, not_found
+from inference_gateway.routing.router import Router
+from inference_gateway.tenants.caches import TenantCaches
+from inference_gateway.tenants.identity import Tenant
+
+log = logging.getLogger(__name__)
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "X-Request-Id",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the usage record needs to know besides the outcome."""
+
+    request_id: str
+    tenant: Tenant
+    served_model: str
+    requested_model: str
+    endpoint: str
+    streamed: bool
+    bills: bool
+    upstream: str
+    started: float  # monotonic
+    started_at: float  # epoch
+    payload: Payload | None
+
+
+class ProxyHandler:
+    """Forwards the allow-listed ``/v1`` endpoints and meters each request once."""
+
+    def __init__(self, endpoints: EndpointTable, router: Router, tenants: TenantCaches,
+                 meter: Meter, relay: Relay, stored: StoredResponses, caps: Caps,
+                 max_body_bytes: int) -> None:
+        self.endpoints = endpoints
+        self.router = router
+        self.tenants = tenants
+        self.meter = meter
+        self.relay = relay
+        self.stored = stored
+        self.caps = caps
+        self.max_body_bytes = max_body_bytes
+        self._estimates: set[asyncio.Task[None]] = set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started, started_at = time.monotonic(), time.time()
+        request_id = new_request_id()
+        headers = {"X-Request-Id": request_id, **CORS_HEADERS}
+        dialect = dialect_of(request.path)
+        try:
+            exchange, context = await self._prepare(request, request_id, started, started_at)
+        except GatewayError as exc:
+            return exc.response(headers, dialect)
+
+        def done(outcome: Outcome) -> None:
+            self._finish(context, outcome)
+
+        return await self.relay.forward(request, exchange, headers, done)
+
+    async def drain(self) -> None:
+        """Wait for the records still being counted (at shutdown, before the meter closes)."""
+        if self._estimates:
+            await asyncio.gather(*self._estimates, return_exceptions=True)
+
+    # -- before forwarding ----------------------------------------------------------------------
+
+    async def _prepare(self, request: web.Request, request_id: str, started: float,
+                       started_at: float) -> tuple[Exchange, Context]:
+        match = self.endpoints.match(request.method, request.path)
+        if match is None:
+            raise GatewayError(404, f"Unknown endpoint: {request.method} {request.path}",
+                               code="unknown_url")
+        endpoint, response_id = match
+        tenant = self.tenants.identify(request.headers)
+        if not self.meter.accepting():
+            raise GatewayError(503, "usage metering is unavailable (spool full); retry later",
+                               code="metering_unavailable")
+        path = request.path
+        query = request.rel_url.raw_query_string
+        if response_id is not None:
+            owner = await self._owned(response_id, tenant, "response_id")
+            served = requested = owner.model
+            upstream = self._holder(owner)
+            body = await self._read_body(request) if request.method == "POST" else b""
+            payload = None
+        else:
+            raw = await self._read_body(request)
+            payload = parse(raw, endpoint, self.caps)
+            route = self.router.resolve(payload.model)
+            if route is None:
+                raise GatewayError(404, f"The model `{payload.model}` does not exist.",
+                                   param="model", code="model_not_found")
+            served, requested, upstream = route.served_model, payload.model, route.upstream
+            if payload.previous_response_id is not None:
+                owner = await self._owned(payload.previous_response_id, tenant,
+                                          "previous_response_id")
+                upstream = self._holder(owner)
+            body = upstream_body(raw, endpoint, payload, served)
+        streamed = payload is not None and payload.stream
+        exchange = Exchange(
+            method=request.method, upstream=upstream, path=f"{path}?{query}" if query else path,
+            body=body, shape=endpoint.shape, bills=endpoint.bills, dialect=endpoint.dialect,
+            reader=self._reader(endpoint, payload) if streamed else None,
+        )
+        context = Context(request_id, tenant, served, requested, path, streamed,
+                          endpoint.bills, upstream, started, started_at, payload)
+        return exchange, context
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.max_body_bytes
+        too_large = GatewayError(413, f"request body is larger than {limit} bytes",
+                                 code="request_too_large")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+
+    async def _owned(self, response_id: str, tenant: Tenant, param: str) -> Owner:
+        owner = await self.stored.owner(response_id)
+        if owner is None or owner.tenant != tenant:
+            raise not_found(response_id, param)
+        return owner
+
+    def _holder(self, owner: Owner) -> str:
+        """The model server that holds a stored response (while it is still configured)."""
+        if owner.replica is not None and owner.replica in self.relay.pools:
+            return owner.replica
+        route = self.router.resolve(owner.model)
+        if route is None:
+            raise GatewayError(404, f"The model `{owner.model}` is no longer served.",
+                               param="model", code="model_not_found")
+        return route.upstream
+
+    @staticmethod
+    def _reader(endpoint: Endpoint, payload: Payload | None) -> StreamFilter | EventStream:
+        if endpoint.shape != "openai":
+            return EventStream(endpoint.shape)
+        assert payload is not None
+        # vLLM ignores continuous_usage_stats without include_usage, and so does the filter.
+        return StreamFilter(payload.client_usage,
+                            payload.client_usage and payload.client_continuous_usage)
+
+    # -- after the answer -----------------------------------------------------------------------
+
+    def _finish(self, context: Context, outcome: Outcome) -> None:
+        record = self._record(context, outcome)
+        reader = outcome.reader
+        if context.endpoint == "/v1/responses" and record.upstream_id and record.status == 200:
+            self.stored.remember(record.upstream_id, Owner(context.tenant, context.served_model,
+                                                          context.upstream))
+        if isinstance(reader, EventStream) and context.bills and not outcome.final:
+            task = asyncio.get_running_loop().create_task(self._estimate(record, reader, context))
+            self._estimates.add(task)
+            task.add_done_callback(self._estimates.discard)
+            return
+        self.meter.submit(record)
+
+    @staticmethod
+    def _record(context: Context, outcome: Outcome) -> UsageRecord:
+        usage = outcome.usage or Usage(0, 0)
+        return UsageRecord(
+            request_id=context.request_id,
+            organization_id=context.tenant.organization_id,
+            instance_id=context.tenant.instance_id,
+            model=context.served_model,
+            requested_model=context.requested_model,
+            endpoint=context.endpoint,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            status=outcome.status or CLIENT_CLOSED,
+            streamed=context.streamed,
+            disconnected=outcome.disconnected,
+            duration_ms=int((time.monotonic() - context.started) * 1000),
+            ttfb_ms=(None if outcome.first_byte_at is None
+                     else int((outcome.first_byte_at - context.started) * 1000)),
+            started_at=context.started_at,
+            completed_at=time.time(),
+            cached_tokens=usage.cached_tokens,
+            upstream_id=outcome.upstream_id,
+            replica=context.upstream,
+        )
+
+    async def _estimate(self, record: UsageRecord, reader: EventStream,
+                        context: Context) -> None:
+        """Bill a stream that ended without its usage for what it relayed (see ``tokenize``)."""
+        pool = self.relay.pools[context.upstream]
+        prompt: int | None = record.prompt_tokens
+        if reader.usage is None and context.payload is not None:  # a Responses stream
+            prompt = await tokenize.count_messages(
+                pool, context.served_model, tokenize.responses_messages(context.payload.fields))
+        completion = await tokenize.count_text(pool, context.served_model,
+                                               reader.relayed_text())
+        if prompt is None or completion is None:
+            log.warning("request %s: billed %d relayed events as tokens; the model server "
+                        "could not count them", record.request_id, reader.deltas)
+        self.meter.submit(replace(record, prompt_tokens=prompt or record.prompt_tokens,
+                                  completion_tokens=reader.deltas if completion is None
+                                  else completion))

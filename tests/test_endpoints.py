@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+
+from inference_gateway.proxy.endpoints import EndpointTable, dialect_of
+from inference_gateway.settings import ConfigError, load_settings
+
+
+def test_only_allow_listed_paths_match() -> None:
+    table = EndpointTable()
+    found = table.match("POST", "/v1/chat/completions")
+    assert found is not None and found[0].shape == "openai" and found[1] is None
+    for method, path in [("POST", "/v1/load_lora_adapter"), ("POST", "/v1/systemone"),
+                         ("GET", "/v1/chat/completions"), ("POST", "/v1/chat/completions/"),
+                         ("POST", "/v1/../v1/chat/completions"), ("DELETE", "/v1/responses/x"),
+                         ("POST", "/v1/responses/a/b"), ("GET", "/v1/responses/a b"),
+                         ("GET", "/v1/responses/")]:
+        assert table.match(method, path) is None, (method, path)
+
+
+def test_response_ids_in_paths() -> None:
+    table = EndpointTable()
+    get = table.match("GET", "/v1/responses/resp_81140")
+    cancel = table.match("POST", "/v1/responses/resp_81140/cancel")
+    assert get is not None and get[1] == "resp_81140" and not get[0].bills
+    assert cancel is not None and cancel[1] == "resp_81140" and cancel[0].routed_by == "response"
+
+
+def test_operators_narrow_the_list() -> None:
+    table = EndpointTable(("/v1/chat/completions",))
+    assert table.match("POST", "/v1/chat/completions") is not None
+    assert table.match("POST", "/v1/responses") is None
+    assert table.match("GET", "/v1/responses/resp_1") is None
+
+
+def test_forwarded_endpoints_setting() -> None:
+    settings = load_settings(forwarded_endpoints=" /v1/completions, /v1/responses/{id} ")
+    assert settings.forwarded_endpoints == ("/v1/completions", "/v1/responses/{id}")
+    with pytest.raises(ConfigError, match="FORWARDED_ENDPOINTS.*/v1/load_lora_adapter"):
+        load_settings(forwarded_endpoints="/v1/chat/completions,/v1/load_lora_adapter")
+
+
+def test_messages_speak_anthropic() -> None:
+    assert dialect_of("/v1/messages") == dialect_of("/v1/messages/count_tokens") == "anthropic"
+    assert dialect_of("/v1/messagesx") == dialect_of("/v1/chat/completions") == "openai"
