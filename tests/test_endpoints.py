@@ -43,3 +43,16 @@ def test_forwarded_endpoints_setting() -> None:
 def test_messages_speak_anthropic() -> None:
     assert dialect_of("/v1/messages") == dialect_of("/v1/messages/count_tokens") == "anthropic"
     assert dialect_of("/v1/messagesx") == dialect_of("/v1/chat/completions") == "openai"
+
+
+@pytest.mark.parametrize(("raw", "plain"), [
+    ("/v1/chat/completions", True), ("/v1/responses/resp_1?stream=false", True),
+    ("/v1/../../etc/passwd", False), ("/v1/chat/./completions", False),
+    ("/v1/chat%2fcompletions", False), ("/v1/chat%2Fcompletions", False),
+    ("/v1/%2e%2e/x", False), ("/v1\\chat", False), ("/v1/chat/completions/..", False),
+    ("/v1/models?x=..", True),
+])
+def test_plain_paths(raw: str, plain: bool) -> None:
+    from inference_gateway.proxy.endpoints import is_normal
+
+    assert is_normal(raw) is plain

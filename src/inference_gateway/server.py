@@ -19,6 +19,7 @@ import time
 
 from aiohttp import web
 
+from inference_gateway.observability import malformed_requests
 from inference_gateway.proxy.app import create_app
 from inference_gateway.settings import Settings
 
@@ -68,6 +69,7 @@ def run_worker(settings: Settings) -> None:
         signal.signal(sig, signal.SIG_DFL)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    malformed_requests.install()
     _install_uvloop()
     asyncio.run(_run_worker(settings))
 

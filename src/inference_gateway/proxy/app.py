@@ -20,7 +20,7 @@ from inference_gateway.billing.reporter import start_reporter
 from inference_gateway.db.maintenance import run_scheduler
 from inference_gateway.db.migrate import pending_migrations
 from inference_gateway.metering.meter import Meter
-from inference_gateway.proxy.endpoints import EndpointTable, dialect_of
+from inference_gateway.proxy.endpoints import EndpointTable, dialect_of, is_normal, not_normal
 from inference_gateway.proxy.errors import error_response
 from inference_gateway.proxy.handler import CORS_HEADERS, ProxyHandler
 from inference_gateway.proxy.payload import Caps
@@ -100,6 +100,8 @@ class Gateway:
         return web.Response(status=204, headers=PREFLIGHT_HEADERS)
 
     async def not_found(self, request: web.Request) -> web.Response:
+        if not is_normal(request.raw_path):
+            return not_normal().response(CORS_HEADERS, dialect_of(request.path))
         return error_response(404, f"Unknown endpoint: {request.method} {request.path}",
                               code="unknown_url", headers=CORS_HEADERS,
                               dialect=dialect_of(request.path))

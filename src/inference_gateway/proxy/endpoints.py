@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from inference_gateway.metering.readers import Shape
-from inference_gateway.proxy.errors import Dialect
+from inference_gateway.proxy.errors import Dialect, GatewayError
 
 RoutedBy = Literal["model", "response"]
 RESPONSE_ID = "{id}"  # stands for a stored response's id in a path
@@ -57,6 +57,24 @@ def dialect_of(path: str) -> Dialect:
     """The error dialect of a path, also for paths that are not forwarded at all."""
     return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") \
         else "openai"
+
+
+def is_normal(raw_path: str) -> bool:
+    """Whether a request path, as sent, names itself plainly.
+
+    The router sees the decoded, normalized path, so ``/v1/../x`` or ``/v1/chat%2Fcompletions``
+    would otherwise be taken for another path than the client wrote.
+    """
+    path = raw_path.partition("?")[0]
+    lowered = path.lower()
+    if "%2f" in lowered or "%5c" in lowered or "%2e" in lowered or "\\" in path:
+        return False
+    return not any(segment in (".", "..") for segment in path.split("/"))
+
+
+def not_normal() -> GatewayError:
+    return GatewayError(400, "the path must be plain: no dot segments, encoded slashes or "
+                        "encoded dots", code="invalid_path")
 
 
 class EndpointTable:

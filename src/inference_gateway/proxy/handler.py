@@ -19,7 +19,13 @@ from inference_gateway.metering.meter import Meter
 from inference_gateway.metering.readers import Usage
 from inference_gateway.metering.record import UsageRecord, new_request_id
 from inference_gateway.proxy import tokenize
-from inference_gateway.proxy.endpoints import Endpoint, EndpointTable, dialect_of
+from inference_gateway.proxy.endpoints import (
+    Endpoint,
+    EndpointTable,
+    dialect_of,
+    is_normal,
+    not_normal,
+)
 from inference_gateway.proxy.errors import GatewayError
 from inference_gateway.proxy.event_streams import EventStream
 from inference_gateway.proxy.payload import Caps, Payload, parse, upstream_body
@@ -95,6 +101,8 @@ class ProxyHandler:
 
     async def _prepare(self, request: web.Request, request_id: str, started: float,
                        started_at: float) -> tuple[Exchange, Context]:
+        if not is_normal(request.raw_path):
+            raise not_normal()
         match = self.endpoints.match(request.method, request.path)
         if match is None:
             raise GatewayError(404, f"Unknown endpoint: {request.method} {request.path}",
