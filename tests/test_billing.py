@@ -23,6 +23,7 @@ from aiohttp import web
 
 from inference_gateway.billing import reporter
 from inference_gateway.billing.sinks import PgmqSink, WebhookSink
+from inference_gateway.db import leader, locks
 from inference_gateway.db.migrate import migrate
 from inference_gateway.metering.record import UsageRecord
 from inference_gateway.metering.writer import PostgresWriter
@@ -291,7 +292,7 @@ async def test_rows_of_an_open_transaction_wait_for_its_commit(
 
 
 async def test_only_one_reporter_at_a_time(conn: asyncpg.Connection, billing_url: str) -> None:
-    assert await reporter.try_lock(conn)
+    assert await leader.take_lead(conn, locks.BILLING_REPORTER)
     try:
         assert await reporter.run_once(Settings(database_url=billing_url), None) is None
     finally:

@@ -36,7 +36,7 @@ def test_operators_narrow_the_list() -> None:
 def test_forwarded_endpoints_setting() -> None:
     settings = load_settings(forwarded_endpoints=" /v1/completions, /v1/responses/{id} ")
     assert settings.forwarded_endpoints == ("/v1/completions", "/v1/responses/{id}")
-    with pytest.raises(ConfigError, match="FORWARDED_ENDPOINTS.*/v1/load_lora_adapter"):
+    with pytest.raises(ConfigError, match=r"FORWARDED_ENDPOINTS.*/v1/load_lora_adapter"):
         load_settings(forwarded_endpoints="/v1/chat/completions,/v1/load_lora_adapter")
 
 

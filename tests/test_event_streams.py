@@ -70,7 +70,7 @@ def test_responses_stream(size: int) -> None:
 @pytest.mark.parametrize("end", ["response.incomplete", "response.failed"])
 def test_responses_stream_other_ends(end: str) -> None:
     reader = EventStream("responses")
-    before, after = relay(reader, b"".join(responses_stream(["a"], end)), 64)
+    _, after = relay(reader, b"".join(responses_stream(["a"], end)), 64)
     assert reader.final and after.startswith(f"event: {end}\n".encode())
 
 

@@ -6,7 +6,6 @@ dropped, together with their pg_cron jobs, at the end.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import json
@@ -20,14 +19,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from inference_gateway.db.maintenance import (
-    CronSchedule,
-    apply_maintenance_settings,
-    register,
-    run_maintenance_now,
-    run_scheduler,
-)
+from inference_gateway.cli import build_parser
+from inference_gateway.db import leader
+from inference_gateway.db.cron import CronSchedule
+from inference_gateway.db.maintenance import apply_maintenance_settings, run_maintenance_now
 from inference_gateway.db.migrate import migrate
+from inference_gateway.db.schedule import maintenance_job
 from inference_gateway.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -554,8 +551,7 @@ async def test_cron_job_once_and_really_runs(make_db: MakeDb, cron_dsn: str) -> 
 
 async def test_cli_run_and_status(make_db: MakeDb, capsys: pytest.CaptureFixture[str]) -> None:
     dsn = await make_db()
-    parser = argparse.ArgumentParser(prog="inference-gateway")
-    register(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     settings = _settings(dsn)
 
     def cli(*argv: str) -> int:
@@ -590,8 +586,9 @@ async def test_gateway_scheduler_runs_once_and_defers_to_pg_cron(make_db: MakeDb
                 "SELECT coalesce(max(id), 0) FROM inference.maintenance_log")
             stop = asyncio.Event()
             tasks = [
-                asyncio.create_task(run_scheduler(
-                    settings, stop, now=lambda: dt.datetime.now(UTC) + offset))
+                asyncio.create_task(leader.run(dsn, maintenance_job(
+                    dsn, settings.maintenance_schedule,
+                    now=lambda: dt.datetime.now(UTC) + offset), stop))
                 for _ in range(2)
             ]
             await asyncio.sleep(fire)

@@ -21,9 +21,10 @@ from multidict import CIMultiDict
 from inference_gateway.proxy.errors import GatewayError
 from inference_gateway.settings import Settings
 from inference_gateway.tenants.caches import TenantCaches
-from inference_gateway.tenants.identity import AuthMode, Tenant, identify
+from inference_gateway.tenants.identity import AuthMode, identify
 from inference_gateway.tenants.keys import KeyRing, hash_key, new_key
 from inference_gateway.tenants.orgs import OrgGate
+from inference_gateway.tenants.tenant import Tenant
 
 from harness import Proc, free_port, start_gateway
 

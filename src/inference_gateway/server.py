@@ -16,9 +16,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
+from inference_gateway.billing.reporter import run_reporter
+from inference_gateway.billing.sinks import open_sink
+from inference_gateway.db import leader
+from inference_gateway.db.schedule import maintenance_job
 from inference_gateway.observability import malformed_requests
 from inference_gateway.proxy.app import create_app
 from inference_gateway.settings import Settings
@@ -34,6 +40,19 @@ def _install_uvloop() -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def background_jobs(settings: Settings) -> list[Coroutine[Any, Any, None]]:
+    """The jobs one process of the fleet runs (each process offers; one takes charge)."""
+    jobs: list[Coroutine[Any, Any, None]] = []
+    if settings.run_billing_reporter:
+        jobs.append(run_reporter(settings, open_sink(settings)))
+    if settings.run_maintenance_scheduler:
+        # It stands by while a pg_cron job does the work.
+        jobs.append(leader.run(settings.database_url,
+                               maintenance_job(settings.database_url,
+                                               settings.maintenance_schedule)))
+    return jobs
 
 
 async def _run_worker(settings: Settings) -> None:
@@ -56,8 +75,12 @@ async def _run_worker(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("worker %d listening on %s:%d", os.getpid(), settings.webserver_host,
              settings.webserver_port)
+    jobs = [asyncio.create_task(job) for job in background_jobs(settings)]
     await stop.wait()
     log.info("worker %d stopping: finishing in-flight requests and draining usage", os.getpid())
+    for task in jobs:
+        task.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
     await runner.cleanup()
 
 
@@ -83,6 +106,7 @@ async def _prepare_database(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> int:
+    open_sink(settings)  # incomplete billing sink settings stop the start, naming the variable
     if settings.migrate_on_start:
         try:
             asyncio.run(_prepare_database(settings))

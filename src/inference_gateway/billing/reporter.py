@@ -14,7 +14,7 @@
 * Events go to ``billing.outbox``, at most 1,000 per message, in the transaction that advances
   ``billing.watermark``: a crash leaves both as they were, and the next pass does the work again.
   Sinks other than the outbox deliver from there (see ``billing_sinks``), at least once, in order.
-* One reporter runs at a time per database: the one holding a session advisory lock.
+* One reporter runs at a time per database: the one holding its lock (see ``db.leader``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from itertools import groupby
 import asyncpg
 import orjson
 
-from inference_gateway.billing.sinks import OutboxMessage, Sink, open_sink
+from inference_gateway.billing.sinks import OutboxMessage, Sink
+from inference_gateway.db import leader, locks
 from inference_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ MAX_EVENTS_PER_MESSAGE = 1000
 MAX_HOURS_PER_PASS = 24  # a long backlog is reported in several transactions
 SETTLE_MARGIN = timedelta(seconds=2)
 DELIVER_BATCH = 100
-RETRY_SEC = 60.0
-_LOCK_KEY = 0x1A7E6A90  # one active reporter per database, across processes and hosts
+STANDBY_SEC = 60.0  # how soon another process takes over from a reporter that went away
 
 _CLOCK = """
 SELECT least(clock_timestamp() - $1::interval,
@@ -287,16 +287,11 @@ async def deliver(conn: asyncpg.Connection, sink: Sink) -> int:
             sent += 1
 
 
-async def try_lock(conn: asyncpg.Connection) -> bool:
-    """Become the reporter of this database for as long as the connection lives."""
-    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY))
-
-
 async def run_once(settings: Settings, sink: Sink | None) -> list[PassReport] | None:
     """One report and delivery, for the command line; None if another reporter is active."""
     conn = await asyncpg.connect(settings.database_url, timeout=10)
     try:
-        if not await try_lock(conn):
+        if not await leader.take_lead(conn, locks.BILLING_REPORTER):
             return None
         passes = await report(conn, timedelta(seconds=settings.billing_grace_sec))
         if sink is not None:
@@ -309,53 +304,26 @@ async def run_once(settings: Settings, sink: Sink | None) -> list[PassReport] | 
         await conn.close()
 
 
-async def run_reporter(settings: Settings, sink: Sink | None) -> None:
-    """Report every ``BILLING_PERIOD_SEC`` while this process holds the reporter lock.
-
-    Processes without the lock try again each period, so another one takes over when the
-    reporter goes away. Failures are logged and retried within ``RETRY_SEC``. Closes the sink.
-    """
+def billing_job(settings: Settings, sink: Sink | None) -> leader.LeaderJob:
+    """Report and deliver every ``BILLING_PERIOD_SEC``, in one process of the fleet."""
     grace = timedelta(seconds=settings.billing_grace_sec)
-    conn: asyncpg.Connection | None = None
-    leader = False
+
+    async def step(conn: asyncpg.Connection) -> float:
+        await report(conn, grace)
+        if sink is not None:
+            await deliver(conn, sink)
+        return settings.billing_period_sec
+
+    return leader.LeaderJob("billing reporter", locks.BILLING_REPORTER, step,
+                            standby_sec=min(settings.billing_period_sec, STANDBY_SEC))
+
+
+async def run_reporter(settings: Settings, sink: Sink | None,
+                       stop: asyncio.Event | None = None) -> None:
+    """The reporter until stopped or cancelled; closes the sink at the end."""
     try:
-        while True:
-            delay = settings.billing_period_sec
-            try:
-                if conn is None or conn.is_closed():
-                    conn, leader = await asyncpg.connect(settings.database_url, timeout=10), False
-                if not leader:
-                    leader = await try_lock(conn)
-                    if leader:
-                        log.info("billing: this process is the usage reporter")
-                if leader:
-                    await report(conn, grace)
-                    if sink is not None:
-                        await deliver(conn, sink)
-                else:  # another process reports: hold no idle connection meanwhile
-                    await conn.close(timeout=2)
-                    conn = None
-            except Exception as exc:  # Postgres or the sink away: try again soon
-                log.warning("billing: %s: %s; retrying", type(exc).__name__, exc)
-                delay = min(delay, RETRY_SEC)
-                if conn is not None and isinstance(exc, OSError | asyncpg.InterfaceError):
-                    conn.terminate()
-                    conn = None
-            await asyncio.sleep(delay)
+        await leader.run(settings.database_url, billing_job(settings, sink), stop)
     finally:
-        if conn is not None:
-            conn.terminate()
         if sink is not None:
             with contextlib.suppress(Exception):
                 await sink.close()
-
-
-def start_reporter(settings: Settings) -> asyncio.Task[None] | None:
-    """The reporter as a background task of a gateway process, with ``RUN_BILLING_REPORTER``.
-
-    Raises ``ConfigError`` at once when the sink settings are incomplete.
-    """
-    if not settings.run_billing_reporter:
-        return None
-    sink = open_sink(settings)
-    return asyncio.create_task(run_reporter(settings, sink), name="billing reporter")

@@ -11,6 +11,8 @@ from typing import Literal
 
 import asyncpg
 
+from inference_gateway.portal.tables import text_table
+
 Grouping = Literal["hour", "day", "model"]
 
 _GROUP_BY: dict[Grouping, tuple[str, str]] = {
@@ -54,18 +56,11 @@ async def usage(
 
 def render(rows: Sequence[tuple[str, int, int, int]], by: Grouping) -> str:
     """A plain text table, numbers right-aligned, with a total line."""
-    header = [_GROUP_BY[by][0], *_COLUMNS]
-    counts = [[req, p, c, p + c] for _, req, p, c in rows]
+    counts = [(req, p, c, p + c) for _, req, p, c in rows]
     totals = [sum(column) for column in zip(*counts, strict=True)] if counts else [0] * 4
-    lines = [[group, *(f"{n:,}" for n in numbers)]
-             for (group, *_), numbers in zip(rows, counts, strict=True)]
-    total = ["total", *(f"{n:,}" for n in totals)]
-    widths = [max(len(line[i]) for line in [header, *lines, total]) for i in range(len(header))]
-    rule = "  ".join("-" * w for w in widths)
-
-    def fmt(line: list[str]) -> str:
-        cells = [line[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
-        return "  ".join(cells)
-
-    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines), rule, fmt(total)])
+    lines = text_table(
+        [_GROUP_BY[by][0], *_COLUMNS],
+        [[group, *(f"{n:,}" for n in numbers)]
+         for (group, *_), numbers in zip(rows, counts, strict=True)],
+        right=range(1, 5), footer=["total", *(f"{n:,}" for n in totals)])
+    return "\n".join(lines)

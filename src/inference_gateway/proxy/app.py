@@ -1,7 +1,8 @@
 """The aiohttp application: routes, the small handlers, and the request path's resources.
 
 ``/v1`` requests go to ``ProxyHandler``; the rest (models, probes, CORS pre-flight, unknown
-paths) is answered here.
+paths) is answered here. Jobs that are not about HTTP (billing, maintenance) are started by the
+worker (see ``server``), not by the application.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from inference_gateway.billing.reporter import start_reporter
-from inference_gateway.db.maintenance import run_scheduler
 from inference_gateway.db.migrate import pending_migrations
 from inference_gateway.metering.meter import Meter
 from inference_gateway.proxy.endpoints import EndpointTable, dialect_of, is_normal, not_normal
@@ -130,23 +129,15 @@ class Gateway:
             await asyncio.sleep(READINESS_INTERVAL_SEC)
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
-        settings = self.settings
-        reporter = start_reporter(settings)  # first: it rejects incomplete sink settings
         await self.meter.start()
         await self.tenants.start()
         readiness = asyncio.create_task(self._watch_readiness(), name="readiness")
-        scheduler = None
-        if settings.run_maintenance_scheduler:
-            # One process holds the scheduler lock; it stands by while pg_cron is in charge.
-            scheduler = asyncio.create_task(run_scheduler(settings), name="maintenance")
         try:
             yield
         finally:
-            for task in (readiness, reporter, scheduler):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await readiness
             await self.proxy.drain()
             await self.tenants.close()
             await self.stored.close()

@@ -34,7 +34,7 @@ from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.stored_responses import Owner, StoredResponses, not_found
 from inference_gateway.routing.router import Router
 from inference_gateway.tenants.caches import TenantCaches
-from inference_gateway.tenants.identity import Tenant
+from inference_gateway.tenants.tenant import Tenant
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ from collections.abc import Awaitable, Callable, Mapping
 import asyncpg
 
 from inference_gateway.settings import Settings
-from inference_gateway.tenants.identity import Tenant, identify
+from inference_gateway.tenants.identity import identify
 from inference_gateway.tenants.keys import KeyRing
 from inference_gateway.tenants.orgs import OrgGate
+from inference_gateway.tenants.tenant import Tenant
 
 log = logging.getLogger(__name__)
 

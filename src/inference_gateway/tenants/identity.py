@@ -17,31 +17,17 @@ in-memory state: identifying a request is a few dictionary lookups, never a data
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from inference_gateway.proxy.errors import GatewayError
-
-if TYPE_CHECKING:
-    from inference_gateway.tenants.keys import KeyRing
-    from inference_gateway.tenants.orgs import OrgGate
+from inference_gateway.tenants.keys import KeyRing
+from inference_gateway.tenants.orgs import OrgGate
+from inference_gateway.tenants.tenant import MAX_TENANT_LENGTH, Tenant
 
 ORG_HEADER = "X-TEMBO-ORG"
 INSTANCE_HEADER = "X-TEMBO-INSTANCE"
-MAX_TENANT_LENGTH = 256
 
 AuthMode = Literal["headers", "keys", "either"]
-
-
-@dataclass(frozen=True, slots=True)
-class Tenant:
-    organization_id: str
-    instance_id: str
-
-
-def is_valid_id(value: str) -> bool:
-    """What an organization or instance id may be: 1 to 256 printable ASCII characters."""
-    return 0 < len(value) <= MAX_TENANT_LENGTH and value.isascii() and value.isprintable()
 
 
 def _header_value(headers: Mapping[str, str], name: str) -> str | None:

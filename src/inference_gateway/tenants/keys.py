@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from inference_gateway.tenants.identity import Tenant, is_valid_id
+from inference_gateway.tenants.tenant import Tenant, is_valid_id
 
 KEY_PREFIX = "igw_"
 PREFIX_LENGTH = 12

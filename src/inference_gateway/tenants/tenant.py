@@ -1,0 +1,18 @@
+"""The tenant a request is billed to: an organization and one of its instances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_TENANT_LENGTH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    organization_id: str
+    instance_id: str
+
+
+def is_valid_id(value: str) -> bool:
+    """What an organization or instance id may be: 1 to 256 printable ASCII characters."""
+    return 0 < len(value) <= MAX_TENANT_LENGTH and value.isascii() and value.isprintable()
