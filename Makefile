@@ -1,4 +1,4 @@
-.PHONY: run test lint bench clean-dev
+.PHONY: run test lint bench stop-dev clean-dev
 
 # Postgres, a model backend (BACKEND=sim or vllm) and the gateway on :8080.
 run:
@@ -16,6 +16,10 @@ lint:
 bench:
 	scripts/bench.sh
 
-clean-dev:
-	-/usr/lib/postgresql/15/bin/pg_ctl -D .dev/pg/data stop -m fast
+# Stop the dev Postgres that `make run` and `make test` start (its data stays in .dev/pg).
+stop-dev:
+	scripts/stop-dev.sh
+
+# Stop it and remove .dev: the cluster, the vLLM install, the tiny model, the spool.
+clean-dev: stop-dev
 	rm -rf .dev

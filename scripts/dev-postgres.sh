@@ -3,8 +3,9 @@
 #
 # Installs Debian's postgresql-15, pg_partman and pg_cron when they are missing, listens on
 # 127.0.0.1:${DEV_PG_PORT:-54329} so it never clashes with a system Postgres, creates the
-# database ${DEV_PG_DB:-inference} and writes DATABASE_URL=... to .dev/env.
-# Safe to run again: a running cluster is left as it is.
+# database ${DEV_PG_DB:-inference} and writes .dev/env: DATABASE_URL, QUEUE_CONN_URL and SPOOL_DIR
+# as exports, so that after `. .dev/env` the gateway's commands find the dev stack.
+# Safe to run again: a running cluster is left as it is. Stop it with `make stop-dev`.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -71,7 +72,7 @@ if [ -z "$(psql_pg -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; the
 fi
 
 url="postgresql://postgres@127.0.0.1:$port/$db"
-printf 'DATABASE_URL=%s\n' "$url" >"$root/.dev/env"
+printf 'export DATABASE_URL=%s\nexport SPOOL_DIR=%s\n' "$url" "$root/.dev/spool" >"$root/.dev/env"
 
 # A queue database with PGMQ for the billing reporter's pgmq sink. PGMQ is not packaged for
 # Debian; the pgmq Python package carries its SQL-only install.
@@ -84,5 +85,5 @@ if [ -x "$root/.venv/bin/python" ] && \
   "$root/.venv/bin/python" -c 'import pgmq, sys; pgmq.install_pgmq_from_sql(dsn=sys.argv[1])' \
     "$queues_url" >/dev/null 2>&1 || echo "dev-postgres: could not install PGMQ into 'queues'" >&2
 fi
-printf 'QUEUE_CONN_URL=%s\n' "$queues_url" >>"$root/.dev/env"
+printf 'export QUEUE_CONN_URL=%s\n' "$queues_url" >>"$root/.dev/env"
 echo "dev-postgres: ready at $url"

@@ -5,7 +5,8 @@
 #   BACKEND=vllm a real vLLM server on the CPU with a tiny local model (VLLM_MODEL=path for yours)
 #
 # With DATABASE_URL set, that database is used and no local Postgres is started.
-# Ctrl-C stops everything this script started.
+# Ctrl-C stops everything this script started: the gateway, the backend, and the dev Postgres
+# if this run started it (one that was already running, for the tests say, is left running).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,9 +16,11 @@ backend_port="${BACKEND_PORT:-8000}"
 served_name="${SERVED_MODEL_NAME:-facebook/opt-125m}"
 
 scripts/bootstrap.sh
+stop_postgres=false
 if [ -z "${DATABASE_URL:-}" ]; then
+  scripts/stop-dev.sh --status >/dev/null 2>&1 || stop_postgres=true
   scripts/dev-postgres.sh
-  set -a; . .dev/env; set +a
+  . .dev/env
 fi
 export DATABASE_URL
 
@@ -26,6 +29,9 @@ cleanup() {
   trap - INT TERM EXIT
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if $stop_postgres; then
+    scripts/stop-dev.sh
+  fi
 }
 trap cleanup INT TERM EXIT
 

@@ -24,7 +24,7 @@ def _admin_url() -> str:
     subprocess.run([str(ROOT / "scripts" / "dev-postgres.sh")], check=True,
                    stdout=subprocess.DEVNULL)
     for line in (ROOT / ".dev" / "env").read_text().splitlines():
-        if line.startswith("DATABASE_URL="):
+        if line.removeprefix("export ").startswith("DATABASE_URL="):
             return line.split("=", 1)[1]
     raise RuntimeError(".dev/env has no DATABASE_URL")
 

@@ -344,6 +344,28 @@ def test_malformed_setting_names_the_variable(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_workers_that_keep_dying_at_start_up_stop_the_gateway(
+    tmp_path: Path, database_url: str
+) -> None:
+    import os
+    import socket
+    import sys
+
+    with socket.socket() as taken:  # a port held without SO_REUSEPORT: no worker can bind it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "inference_gateway", "serve"],
+            env={**os.environ, "DATABASE_URL": database_url, "WEBSERVER_HOST": "127.0.0.1",
+                 "WEBSERVER_PORT": str(taken.getsockname()[1]), "WEBSERVER_WORKERS": "2",
+                 "MIGRATE_ON_START": "false", "SPOOL_DIR": str(tmp_path / "spool")},
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "died at start-up 3 times in a row" in result.stderr
+    assert result.stderr.count("starting a new one") <= 2 * 2
+
+
 def test_refuses_with_503_rather_than_serve_unmetered(
     session_tmp: Path, database_url: str, simulator: Proc, tenant: tuple[str, str]
 ) -> None:

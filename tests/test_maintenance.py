@@ -572,6 +572,24 @@ async def test_cli_run_and_status(make_db: MakeDb, capsys: pytest.CaptureFixture
     assert [r.status for r in results] == ["done"]
 
 
+async def test_the_original_log_table_is_a_view(make_db: MakeDb) -> None:
+    dsn = await make_db()
+    [result] = await run_maintenance_now(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT function_name, start_time, end_time, duration, rows_processed, "
+            "partitions_created, partitions_dropped, additional_info "
+            "FROM maintenance_performance_log WHERE id = $1", result.log_id)
+    finally:
+        await conn.close()
+    assert row["function_name"] == "optimized_run_maintenance"
+    assert row["duration"] == row["end_time"] - row["start_time"]
+    assert row["rows_processed"] == result.rows_moved
+    assert row["partitions_created"] == result.partitions_created
+    assert json.loads(row["additional_info"])["status"] == result.status
+
+
 async def test_gateway_scheduler_runs_once_and_defers_to_pg_cron(make_db: MakeDb) -> None:
     dsn = await make_db(maintenance_schedule="* * * * *")
     settings = _settings(dsn, maintenance_schedule="* * * * *")

@@ -14,6 +14,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Coroutine
@@ -32,6 +33,9 @@ from inference_gateway.settings import Settings
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_SEC = 30.0
+# A worker that dies this soon after it started, this many times in a row, stops the gateway.
+STARTUP_GRACE_SEC = 10.0
+STARTUP_ATTEMPTS = 3
 
 
 def _install_uvloop() -> None:
@@ -55,16 +59,39 @@ def background_jobs(settings: Settings) -> list[Coroutine[Any, Any, None]]:
     return jobs
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The worker's listening socket, shared with the other workers through SO_REUSEPORT.
+
+    Bound before anything else starts, so that a worker that cannot listen fails at once.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def _run_worker(settings: Settings) -> None:
+    try:
+        sock = listen(settings.webserver_host, settings.webserver_port)
+    except OSError as exc:
+        log.error("worker %d cannot listen on %s:%d: %s", os.getpid(), settings.webserver_host,
+                  settings.webserver_port, exc.strerror or exc)
+        raise SystemExit(3) from None
     app = create_app(settings)
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SEC
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner, settings.webserver_host, settings.webserver_port, reuse_port=True, backlog=2048
-    )
-    await site.start()
+    await web.SockSite(runner, sock).start()
     # Everything allocated so far lives as long as the process: keep it out of the cyclic
     # collector's full passes, which otherwise show up as multi-millisecond latency spikes.
     gc.collect()
@@ -122,7 +149,8 @@ def _supervise(settings: Settings) -> int:
     """Start the workers, restart one that dies, and pass SIGTERM/SIGINT on to all of them.
 
     A restarted worker claims the spool segments its predecessor left, so a worker crash loses
-    no usage record.
+    no usage record. A worker that keeps dying at start-up (a port taken, a spool it cannot
+    write) stops the gateway instead: restarting it forever would only fill the log.
     """
     ctx = multiprocessing.get_context("fork")
     stopping = False
@@ -130,6 +158,7 @@ def _supervise(settings: Settings) -> int:
     def spawn(i: int) -> multiprocessing.process.BaseProcess:
         worker = ctx.Process(target=run_worker, args=(settings,), name=f"worker-{i}")
         worker.start()
+        started[i] = time.monotonic()
         return worker
 
     def forward(signum: int, _frame: object) -> None:
@@ -141,6 +170,8 @@ def _supervise(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    started = [0.0] * settings.webserver_workers
+    early_deaths = [0] * settings.webserver_workers
     workers = [spawn(i) for i in range(settings.webserver_workers)]
     failed = False
     while any(w.is_alive() for w in workers):
@@ -149,13 +180,20 @@ def _supervise(settings: Settings) -> int:
         for i, worker in enumerate(workers):
             if worker.is_alive() or stopping or worker.exitcode is None:
                 continue
-            log.error("%s exited with %s; starting a new one", worker.name, worker.exitcode)
             failed = True
+            early = time.monotonic() - started[i] < STARTUP_GRACE_SEC
+            early_deaths[i] = early_deaths[i] + 1 if early else 0
+            if early_deaths[i] >= STARTUP_ATTEMPTS:
+                log.error("%s died at start-up %d times in a row (exit code %s); stopping the "
+                          "gateway", worker.name, early_deaths[i], worker.exitcode)
+                forward(signal.SIGTERM, None)
+                break
+            log.error("%s exited with %s; starting a new one", worker.name, worker.exitcode)
             time.sleep(0.5)  # do not spin if every start fails
             if stopping:  # a stop signal came during the pause: a new worker would be orphaned
                 break
             workers[i] = spawn(i)
-    if failed and not stopping:
+    if failed and (not stopping or max(early_deaths) >= STARTUP_ATTEMPTS):
         print("inference-gateway: workers failed", file=sys.stderr)
         return 1
     return 0

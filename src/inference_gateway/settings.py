@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -35,6 +36,23 @@ def parse_pairs(value: str, sep: str, what: str) -> dict[str, str]:
             raise ValueError(f"{key!r} is given twice")
         pairs[key] = target
     return pairs
+
+
+def check_url(name: str, url: str) -> str:
+    """A model server's base URL, checked the way the gateway will use it; without a final /."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"the URL of {name!r} must start with http:// or https://, got {url!r}")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"the URL of {name!r} has a port that is not a number from 1 to 65535: "
+                         f"{url!r}") from None
+    if not parts.hostname or any(c.isspace() for c in url) or "://" in parts.netloc + parts.path:
+        raise ValueError(f"the URL of {name!r} is not one URL with a host: {url!r}")
+    if port == 0 or parts.query or parts.fragment:
+        raise ValueError(f"the URL of {name!r} must be http(s)://host[:port][/path]: {url!r}")
+    return url.rstrip("/")
 
 
 class Settings(BaseSettings):
@@ -102,9 +120,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             pairs = parse_pairs(value, "=", "name=url")
             for name, url in pairs.items():
-                if not url.startswith(("http://", "https://")):
-                    raise ValueError(f"the URL of {name!r} must start with http:// or https://")
-                pairs[name] = url.rstrip("/")
+                pairs[name] = check_url(name, url)
             return pairs
         return value
 
