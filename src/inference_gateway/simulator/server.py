@@ -7,7 +7,8 @@ import asyncio
 
 from aiohttp import web
 
-from inference_gateway.simulator.app import SimConfig, create_app
+from inference_gateway.simulator.app import create_app
+from inference_gateway.simulator.config import SimConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-max-tokens", type=int, default=16)
     parser.add_argument("--error-rate", type=float, default=0.0,
                         help="fraction of requests answered with a 500")
+    parser.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        help="as vLLM's flag: usage reports cached prompt tokens")
+    parser.add_argument("--enable-store", action="store_true",
+                        help="as vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1: keep responses, "
+                        "allow background ones")
+    parser.add_argument("--store-size", type=int, default=10_000,
+                        help="responses the store keeps, oldest dropped first")
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="prefix-cache block size in tokens (vLLM on CPUs uses 128)")
+    parser.add_argument("--embedding-dim", type=int, default=16)
+    parser.add_argument("--check-content-type", action="store_true",
+                        help="refuse bodies not sent as application/json, as vLLM does")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -31,6 +44,12 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens,
         error_rate=args.error_rate,
+        embedding_dim=args.embedding_dim,
+        prompt_tokens_details=args.enable_prompt_tokens_details,
+        enable_store=args.enable_store,
+        store_size=args.store_size,
+        block_size=args.block_size,
+        check_content_type=args.check_content_type,
     )
 
 

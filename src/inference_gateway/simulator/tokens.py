@@ -12,6 +12,8 @@ _WORDS = (
     "walk", "along", "the", "water", "and", "ride", "the", "old", "cable", "cars",
 )
 VOCAB_SIZE = 459  # as the tiny model the real-vLLM tests serve
+_FRAME = 4  # tokens around each chat message (role markers), as a chat template adds
+_GENERATION_PROMPT = 2  # tokens that open the assistant's turn
 
 
 def count(text: str) -> int:
@@ -23,21 +25,38 @@ def ids(text: str) -> list[int]:
     return [word_id(token) for token in _TOKEN.findall(text)]
 
 
+def text_ids(text: str) -> list[int]:
+    """Ids of a prompt: a non-empty text is at least one token, as with a real tokenizer."""
+    found = ids(text)
+    return found or ([word_id(text)] if text else [])
+
+
 def word_id(word: str) -> int:
     return 4 + sum(word.encode()) % (VOCAB_SIZE - 4)  # 0-3 are the special tokens
 
 
-def chat_prompt_tokens(messages: list[Any]) -> int:
-    """Tokens of a chat prompt: each message's content plus a fixed frame per message."""
-    total = 0
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or the ``text`` of each of its parts."""
+    if isinstance(content, list):
+        return " ".join(str(part.get("text") or "") for part in content
+                        if isinstance(part, dict))
+    return "" if content is None else str(content)
+
+
+def chat_prompt_ids(messages: list[Any]) -> list[int]:
+    """A chat prompt as the template would render it: each message framed, then the reply."""
+    out: list[int] = []
     for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            content = " ".join(
-                part.get("text", "") for part in content if isinstance(part, dict)
-            )
-        total += 4 + count(str(content or ""))
-    return total + 2
+        role, content = "user", None
+        if isinstance(message, dict):
+            role, content = str(message.get("role") or "user"), message.get("content")
+        out += [1, word_id(role), 2, 3][:_FRAME]
+        out += ids(content_text(content))
+    return out + [1, word_id("assistant")][:_GENERATION_PROMPT]
+
+
+def chat_prompt_tokens(messages: list[Any]) -> int:
+    return len(chat_prompt_ids(messages))
 
 
 def output_words(n: int, seed: int = 0) -> list[str]:

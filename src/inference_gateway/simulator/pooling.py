@@ -1,0 +1,227 @@
+"""What vLLM's pooling server (``--runner pooling --convert embed``) answers: embeddings,
+``/v1/score`` and ``/v1/rerank``.
+
+Vectors are deterministic toy embeddings of the prompt's token ids and scores their cosine, so
+the same texts always score the same. Usage counts every text once: a ``1:N`` score counts the
+query once and each document once. A pooling server words its 404 for an unknown model
+without the list of aliases and without ``param``.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+import time
+from typing import Any
+
+from aiohttp import web
+
+from inference_gateway.simulator import tokens, usage
+from inference_gateway.simulator.engine import Engine, new_id
+from inference_gateway.simulator.sampling import check_prompt, check_token_ids
+from inference_gateway.simulator.validation import Fields, SimError, checked, json_response
+
+ENCODINGS = ("float", "base64", "bytes", "bytes_only")
+_EMPTY = "The decoder prompt cannot be empty"
+# The alternative pairs of members a score request may name its two sides with, in the
+# order vLLM's request model tries them.
+SCORE_PAIRS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"),
+               ("text_1", "text_2"))
+
+
+def embed(ids: list[int], dim: int) -> list[float]:
+    """A unit vector that depends only on the token ids."""
+    vector = [0.0] * dim
+    for position, token in enumerate(ids):
+        for j in range(dim):
+            vector[j] += ((token * 2654435761 + (j + 1) * 40503 + position) % 1000) / 1000 - 0.5
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [round(v / norm, 6) for v in vector]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _ids(engine: Engine, text: str) -> list[int]:
+    ids = tokens.text_ids(text)
+    if not ids:
+        raise SimError(400, _EMPTY, "BadRequestError")
+    check_prompt(len(ids), engine.config.max_model_len)
+    return ids
+
+
+def _inputs(engine: Engine, value: Any) -> list[list[int]]:
+    """Token ids of each input of an embeddings request."""
+    if isinstance(value, str):
+        return [_ids(engine, value)]
+    if not value:
+        raise checked("You must pass at least one prompt")
+    if all(isinstance(v, int) for v in value):
+        prompts = [list(value)]
+    else:
+        prompts = [_ids(engine, v) if isinstance(v, str) else list(v) for v in value]
+    for prompt in prompts:
+        if not prompt:
+            raise SimError(400, _EMPTY, "BadRequestError")
+        check_token_ids(prompt)
+        check_prompt(len(prompt), engine.config.max_model_len)
+    return prompts
+
+
+def _read_input(fields: Fields) -> Any:
+    value = fields.body.get("input")
+    if "input" not in fields.body or value is None:
+        for name in ("input", "messages", "messages", "messages", "input", "messages", "input"):
+            fields.add("missing", name, "Field required", fields.body)
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+            isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+            or (isinstance(v, list) and all(isinstance(t, int) and t >= 0 for t in v))
+            for v in value):
+        return value
+    for kind, msg in (("list_type", "Input should be a valid list"),
+                      ("list_type", "Input should be a valid list"),
+                      ("string_type", "Input should be a valid string"),
+                      ("list_type", "Input should be a valid list")):
+        fields.add(kind, "input", msg, value)
+    return None
+
+
+async def embeddings(engine: Engine, request: web.Request) -> web.Response:
+    try:
+        body = await engine.body(request)
+        fields = Fields(body)
+        fields.string("model")
+        value = _read_input(fields)
+        encoding = fields.string("encoding_format")
+        if encoding is not None and encoding not in ENCODINGS:
+            expected = "'float', 'base64', 'bytes' or 'bytes_only'"
+            fields.add("literal_error", "encoding_format", f"Input should be {expected}",
+                       encoding, {"expected": expected})
+        dimensions = fields.integer("dimensions")
+        truncate = fields.integer("truncate_prompt_tokens")
+        fields.done()
+        model = engine.pooling_model(body)
+        if dimensions is not None:
+            raise checked(f"Model '{model}' does not support Matryoshka embeddings; dimensions "
+                          f"must be unset (received dimensions={dimensions}).")
+        if truncate is not None and truncate > engine.config.max_model_len:
+            raise checked("truncate_prompt_tokens value is greater than max_model_len. Please "
+                          "request a smaller truncation size.")
+        prompts = _inputs(engine, value)
+    except SimError as exc:
+        return exc.response()
+    dim = engine.config.embedding_dim
+    data: list[dict[str, Any]] = []
+    for i, prompt in enumerate(prompts):
+        vector = embed(prompt, dim)
+        shown: Any = vector
+        if encoding not in (None, "float"):
+            shown = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode()
+        data.append({"index": i, "object": "embedding", "embedding": shown})
+    prompt_tokens = sum(len(p) for p in prompts)
+    return json_response({"id": new_id("embd-"), "object": "list", "created": int(time.time()),
+                          "model": model, "data": data, "usage": usage.pooling(prompt_tokens)})
+
+
+def _side(value: Any) -> list[str] | None:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def _score_sides(fields: Fields) -> tuple[list[str], list[str]] | None:
+    """The two sides of a score request, under whichever pair of names it used."""
+    body = fields.body
+    for first, second in SCORE_PAIRS:
+        left, right = _side(body.get(first)), _side(body.get(second))
+        if left is not None and right is not None:
+            return left, right
+    for first, second in SCORE_PAIRS:
+        for name in (first, second):
+            if name not in body:
+                fields.add("missing", name, "Field required", body)
+            elif _side(body[name]) is None:
+                fields.add("string_type", name, "Input should be a valid string", body[name])
+    return None
+
+
+def _pairs(engine: Engine, left: list[str], right: list[str]) -> list[tuple[int, int]]:
+    """Which text of each side each score compares: 1:1, 1:N or N:N."""
+    if not left or not right:
+        raise checked("At least one text_pair element must be given")
+    if len(left) == 1:
+        return [(0, j) for j in range(len(right))]
+    if len(left) != len(right):
+        raise checked("Input lengths must be either 1:1, 1:N or N:N")
+    return [(i, i) for i in range(len(left))]
+
+
+def _scores(engine: Engine, left: list[str], right: list[str]) -> tuple[list[float], int]:
+    """The score of each pair, and the prompt tokens: every text counted once."""
+    pairs = _pairs(engine, left, right)
+    left_ids = [_ids(engine, t) for t in left]
+    right_ids = [_ids(engine, t) for t in right]
+    dim = engine.config.embedding_dim
+    left_vectors = [embed(ids, dim) for ids in left_ids]
+    right_vectors = [embed(ids, dim) for ids in right_ids]
+    scores = [cosine(left_vectors[i], right_vectors[j]) for i, j in pairs]
+    return scores, sum(map(len, left_ids)) + sum(map(len, right_ids))
+
+
+async def score(engine: Engine, request: web.Request) -> web.Response:
+    try:
+        body = await engine.body(request)
+        fields = Fields(body)
+        fields.string("model")
+        sides = _score_sides(fields)
+        fields.done()
+        model = engine.pooling_model(body)
+        assert sides is not None
+        scores, prompt_tokens = _scores(engine, *sides)
+    except SimError as exc:
+        return exc.response()
+    data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
+    return json_response({"id": new_id("score-"), "object": "list", "created": int(time.time()),
+                          "model": model, "data": data,
+                          "usage": usage.pooling(prompt_tokens)})
+
+
+async def rerank(engine: Engine, request: web.Request) -> web.Response:
+    try:
+        body = await engine.body(request)
+        fields = Fields(body)
+        fields.string("model")
+        query = fields.string("query", required=True)
+        if query is None and "query" in body:
+            fields.add("dict_type", "query.ScoreMultiModalParam",
+                       "Input should be a valid dictionary", body["query"])
+        documents = _side(body.get("documents"))
+        if "documents" not in body:
+            fields.add("missing", "documents", "Field required", body)
+        elif documents is None:
+            fields.add("string_type", "documents", "Input should be a valid string",
+                       body["documents"])
+        top_n = fields.integer("top_n", ge=0)
+        fields.flag("return_documents")
+        fields.done()
+        model = engine.pooling_model(body)
+        assert query is not None and documents is not None
+        scores, prompt_tokens = _scores(engine, [query], documents)
+    except SimError as exc:
+        return exc.response()
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+    if top_n:
+        ranked = ranked[:top_n]
+    results = [{"index": i, "document": {"text": documents[i], "multi_modal": None},
+                "relevance_score": scores[i]} for i in ranked]
+    return json_response({"id": new_id("score-"), "model": model,
+                          "usage": {"prompt_tokens": prompt_tokens,
+                                    "total_tokens": prompt_tokens},
+                          "results": results})
