@@ -9,6 +9,7 @@ serves what vLLM splits between a generation server and a pooling server.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,10 +19,12 @@ from aiohttp import web
 from inference_gateway.simulator import chat, completions, pooling, tokens
 from inference_gateway.simulator.config import SimConfig
 from inference_gateway.simulator.engine import VLLM_VERSION, Engine
+from inference_gateway.simulator.responses import Responses
 from inference_gateway.simulator.validation import SimError, json_response
 
 __all__ = ["SimConfig", "create_app"]
 
+_RESPONSE_PATHS = re.compile(r"/v1/responses/[^/]+(/cancel)?")
 Handler = Callable[[Engine, web.Request], Awaitable[web.StreamResponse]]
 
 POSTS: dict[str, Handler] = {
@@ -78,7 +81,7 @@ async def health(engine: Engine, request: web.Request) -> web.Response:
 def not_found(known: set[str]) -> Callable[[web.Request], Awaitable[web.Response]]:
     """FastAPI's answers for unknown paths and for known paths with another method."""
     async def answer(request: web.Request) -> web.Response:
-        if request.path in known:
+        if request.path in known or _RESPONSE_PATHS.fullmatch(request.path):
             return web.Response(status=405, body=b'{"detail":"Method Not Allowed"}',
                                 content_type="application/json")
         return web.Response(status=404, body=b'{"detail":"Not Found"}',
@@ -101,6 +104,10 @@ def create_app(config: SimConfig) -> web.Application:
     for path, handler in gets.items():
         app.router.add_get(path, bind(handler), allow_head=False)
     app.router.add_post("/tokenize", bind(tokenize))
-    known = {*POSTS, *gets, "/tokenize"}
+    responses = Responses(engine)
+    app.router.add_post("/v1/responses", responses.create)
+    app.router.add_get("/v1/responses/{response_id}", responses.retrieve, allow_head=False)
+    app.router.add_post("/v1/responses/{response_id}/cancel", responses.cancel)
+    known = {*POSTS, *gets, "/tokenize", "/v1/responses"}
     app.router.add_route("*", "/{tail:.*}", not_found(known))
     return app
