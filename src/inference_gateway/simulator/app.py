@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from inference_gateway.simulator import chat, completions, pooling, tokens
+from inference_gateway.simulator import chat, completions, messages, pooling, tokens
 from inference_gateway.simulator.config import SimConfig
 from inference_gateway.simulator.engine import VLLM_VERSION, Engine
 from inference_gateway.simulator.responses import Responses
@@ -31,6 +31,8 @@ POSTS: dict[str, Handler] = {
     "/v1/chat/completions": chat.chat,
     "/v1/chat/completions/batch": chat.batch,
     "/v1/completions": completions.completions,
+    "/v1/messages": messages.messages,
+    "/v1/messages/count_tokens": messages.count_tokens,
     "/v1/embeddings": pooling.embeddings,
     "/v1/score": pooling.score,
     "/score": pooling.score,
