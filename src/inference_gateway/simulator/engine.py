@@ -14,12 +14,11 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from inference_gateway.simulator.cache import CacheUse, PrefixCache
 from inference_gateway.simulator.config import SimConfig
-from inference_gateway.simulator.validation import SimError, not_found_model, parse_body
+from inference_gateway.simulator.validation import SimError, dump, not_found_model, parse_body
 
 ERROR_HEADER = "X-Simulate-Error"  # force an error status for fault tests
 VLLM_VERSION = "0.32.0"
@@ -33,12 +32,12 @@ def new_id(prefix: str) -> str:
 
 
 def sse(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    return b"data: " + dump(obj) + b"\n\n"
 
 
 def typed_sse(event: str, obj: Any) -> bytes:
     """An event of the Responses and Messages streams: the type on its own line."""
-    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + dump(obj) + b"\n\n"
 
 
 class Engine:
@@ -51,8 +50,8 @@ class Engine:
 
     async def body(self, request: web.Request) -> dict[str, Any]:
         """The JSON body, validated the way vLLM's web layer does before any handler runs."""
-        forced = request.headers.get(ERROR_HEADER)
-        if forced:
+        forced = request.headers.get(ERROR_HEADER, "")
+        if forced.isdigit() and 400 <= int(forced) <= 599:
             status = int(forced)
             raise SimError(status, f"simulated error {status}",
                            "BadRequestError" if status < 500 else "InternalServerError")

@@ -70,6 +70,10 @@ def _inputs(engine: Engine, value: Any) -> list[list[int]]:
     return prompts
 
 
+def _token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_input(fields: Fields) -> Any:
     value = fields.body.get("input")
     if "input" not in fields.body or value is None:
@@ -78,10 +82,9 @@ def _read_input(fields: Fields) -> Any:
         return None
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(
-            isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-            or (isinstance(v, list) and all(isinstance(t, int) and t >= 0 for t in v))
-            for v in value):
+    if isinstance(value, list) and (
+            all(isinstance(v, str) for v in value) or all(_token_id(v) for v in value)
+            or all(isinstance(v, list) and all(_token_id(t) for t in v) for v in value)):
         return value
     for kind, msg in (("list_type", "Input should be a valid list"),
                       ("list_type", "Input should be a valid list"),

@@ -267,7 +267,7 @@ class Responses:
         log = self.store.log(rid)
         if log is None:  # vLLM fails inside the stream it has already started: it ends empty
             return await self._follow(request, _nothing())
-        return await self._follow(request, log.follow(0 if after is None else after + 1))
+        return await self._follow(request, log.follow(0 if after is None else max(0, after + 1)))
 
     async def cancel(self, request: web.Request) -> web.Response:
         rid = request.match_info["response_id"]

@@ -45,8 +45,16 @@ class SimError(Exception):
         return json_response(self.body(), self.status)
 
 
+def dump(obj: Any) -> bytes:
+    """Compact JSON; text a client sent with lone surrogates is kept, escaped."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # orjson refuses strings that are not valid UTF-8
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    return web.Response(status=status, body=dump(body), content_type="application/json")
 
 
 def checked(message: str, param: str | None = None, value: object = None) -> SimError:
@@ -164,12 +172,13 @@ class Fields:
         self.problems.append(problem(kind, f"body.{name}", msg, value, ctx))
 
     def present(self, name: str, required: bool) -> bool:
-        """Whether ``name`` has a value to convert; a missing required member is a problem."""
+        """Whether ``name`` has a value to convert; a missing required member is a problem,
+        and so is a required member sent as null (it is then converted, and refused)."""
         if name not in self.body:
             if required:
                 self.add("missing", name, "Field required", self.body)
             return False
-        return self.body[name] is not None
+        return required or self.body[name] is not None
 
     def integer(self, name: str, *, required: bool = False, ge: int | None = None,
             le: int | None = None) -> int | None:
