@@ -56,3 +56,20 @@ def test_plain_paths(raw: str, plain: bool) -> None:
     from inference_gateway.proxy.endpoints import is_normal
 
     assert is_normal(raw) is plain
+
+
+def test_framework_errors_are_put_in_the_dialect() -> None:
+    import json
+
+    from inference_gateway.proxy.errors import from_framework
+
+    openai_shaped = from_framework(404, b'{"detail":"Not Found"}', "openai")
+    assert openai_shaped is not None and json.loads(openai_shaped) == {"error": {
+        "message": "Not Found", "type": "invalid_request_error", "param": None,
+        "code": "model_server_error"}}
+    anthropic_shaped = from_framework(400, b'{"detail":[{"loc":["body"]}]}', "anthropic")
+    assert anthropic_shaped is not None and json.loads(anthropic_shaped) == {
+        "type": "error", "error": {"type": "invalid_request_error",
+                                   "message": '[{"loc":["body"]}]'}}
+    vllm_own = b'{"error":{"message":"x","type":"BadRequestError","param":null,"code":400}}'
+    assert from_framework(400, vllm_own, "openai") is None

@@ -60,6 +60,23 @@ def error_body(
     return orjson.dumps({"error": error})
 
 
+def from_framework(status: int, body: bytes, dialect: Dialect) -> bytes | None:
+    """An error the model server's web framework wrote (``{"detail": ...}``: an unknown path, a
+    body it could not parse) in the dialect's shape; None for any other body.
+
+    vLLM's own errors are already in the OpenAI shape and pass unchanged; these would reach a
+    client that cannot read them.
+    """
+    if not body.startswith(b'{"detail"'):
+        return None
+    try:
+        detail = orjson.loads(body).get("detail")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    message = detail if isinstance(detail, str) else orjson.dumps(detail).decode()
+    return error_body(status, message, code="model_server_error", dialect=dialect)
+
+
 def error_response(
     status: int,
     message: str,

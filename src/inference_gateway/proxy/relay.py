@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from inference_gateway.metering.readers import Shape, Usage, read_id, read_usage
-from inference_gateway.proxy.errors import Dialect, error_body
+from inference_gateway.proxy.errors import Dialect, error_body, from_framework
 from inference_gateway.proxy.event_streams import EventStream
 from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.upstream import Pool, Response, UpstreamError, UpstreamTimeout
@@ -145,6 +145,8 @@ class Relay:
                     outcome.usage = read_usage(data, exchange.shape)
                     outcome.final = outcome.usage is not None
                 outcome.upstream_id = read_id(data)
+            elif answer.status >= 400:
+                data = from_framework(answer.status, data, exchange.dialect) or data
             report()  # the response is sent after the handler returns
             return web.Response(status=answer.status, reason=answer.reason or None, body=data,
                                 headers=_copy_headers(answer, response_headers))
