@@ -26,14 +26,14 @@ EMPTY_CONVERSATION = ("Cannot apply chat template to an empty conversation. Prov
 
 @dataclass
 class ChatRequest:
-    messages: list[Any]
+    messages: list[Any] | None
     sampling: Sampling
     stream: bool
     options: dict[str, Any] | None
     return_token_ids: bool
 
 
-def read(body: dict[str, Any], fields: Fields, messages: list[Any]) -> ChatRequest:
+def read(body: dict[str, Any], fields: Fields, messages: list[Any] | None) -> ChatRequest:
     """The members after ``messages``, in the order vLLM's request model declares them."""
     sampling = Sampling()
     fields.string("model")
@@ -60,7 +60,9 @@ def read(body: dict[str, Any], fields: Fields, messages: list[Any]) -> ChatReque
     return ChatRequest(messages, sampling, stream, options, return_token_ids)
 
 
-def conversation(messages: list[Any]) -> list[int]:
+def conversation(messages: list[Any] | None) -> list[int]:
+    if messages is None:  # vLLM lets a null through its validation and fails rendering it
+        raise SimError(400, "'NoneType' object is not iterable", "BadRequestError")
     if not messages:
         raise SimError(400, EMPTY_CONVERSATION, "BadRequestError")
     return tokens.chat_prompt_ids(messages)
@@ -70,8 +72,8 @@ async def chat(engine: Engine, request: web.Request) -> web.StreamResponse:
     try:
         body = await engine.body(request)
         fields = Fields(body)
-        messages = fields.items("messages", required=True)
-        req = read(body, fields, messages or [])
+        messages = fields.items("messages", required=body.get("messages", []) is not None)
+        req = read(body, fields, messages)
         gen = plan(engine, body, req.sampling, lambda: [conversation(req.messages)],
                    stream=req.stream, options=req.options,
                    return_token_ids=req.return_token_ids)
@@ -96,12 +98,13 @@ async def batch(engine: Engine, request: web.Request) -> web.StreamResponse:
         conversations = fields.items("messages", required=True)
         if conversations is not None:
             _check_conversations(conversations, fields)
-        req = read(body, fields, conversations or [])
+        turns = conversations or []
+        req = read(body, fields, turns)
         if (req.sampling.n or 1) > 1:
             raise checked("Batch chat completions do not support `n > 1`. Please set `n` to 1.",
                           "n", req.sampling.n)
         gen = plan(engine, body, req.sampling,
-                   lambda: [tokens.chat_prompt_ids(c) for c in req.messages],
+                   lambda: [tokens.chat_prompt_ids(c) for c in turns],
                    stream=False, options=req.options if not req.stream else None,
                    return_token_ids=req.return_token_ids)
     except SimError as exc:

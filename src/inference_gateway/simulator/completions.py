@@ -12,7 +12,13 @@ from inference_gateway.simulator import tokens, usage
 from inference_gateway.simulator.chat import filler_ids
 from inference_gateway.simulator.engine import YIELD_EVERY, Engine, new_id, sse
 from inference_gateway.simulator.sampling import Generation, Sampling, plan, read_seed
-from inference_gateway.simulator.validation import Fields, SimError, checked, json_response
+from inference_gateway.simulator.validation import (
+    Fields,
+    SimError,
+    checked,
+    json_response,
+    not_token_ids,
+)
 
 EMPTY_PROMPT = "The decoder prompt cannot be empty"
 
@@ -36,10 +42,7 @@ def read_prompt(fields: Fields) -> Any:
             return value
     elif all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
         return value
-    bad = next((i for i, p in enumerate(value)
-                if not isinstance(p, str | int) or isinstance(p, bool)
-                or (isinstance(p, int) and p < 0)), 0)
-    fields.add("int_type", f"prompt.{bad}", "Input should be a valid integer", value[bad])
+    fields.add_under("prompt", not_token_ids(value))
     fields.add("string_type", "prompt", "Input should be a valid string", value)
     return None
 

@@ -20,7 +20,13 @@ from aiohttp import web
 from inference_gateway.simulator import tokens, usage
 from inference_gateway.simulator.engine import Engine, new_id
 from inference_gateway.simulator.sampling import check_prompt, check_token_ids
-from inference_gateway.simulator.validation import Fields, SimError, checked, json_response
+from inference_gateway.simulator.validation import (
+    Fields,
+    SimError,
+    checked,
+    json_response,
+    not_token_ids,
+)
 
 ENCODINGS = ("float", "base64", "bytes", "bytes_only")
 _EMPTY = "The decoder prompt cannot be empty"
@@ -86,6 +92,10 @@ def _read_input(fields: Fields) -> Any:
             all(isinstance(v, str) for v in value) or all(_token_id(v) for v in value)
             or all(isinstance(v, list) and all(_token_id(t) for t in v) for v in value)):
         return value
+    if isinstance(value, list):
+        fields.add_under("input", not_token_ids(value))
+        fields.add("string_type", "input", "Input should be a valid string", value)
+        return None
     for kind, msg in (("list_type", "Input should be a valid list"),
                       ("list_type", "Input should be a valid list"),
                       ("string_type", "Input should be a valid string"),

@@ -32,7 +32,7 @@ def text_ids(text: str) -> list[int]:
 
 
 def word_id(word: str) -> int:
-    return 4 + sum(word.encode()) % (VOCAB_SIZE - 4)  # 0-3 are the special tokens
+    return 4 + sum(word.encode("utf-8", "surrogatepass")) % (VOCAB_SIZE - 4)  # 0-3: special
 
 
 def content_text(content: Any) -> str:

@@ -152,6 +152,21 @@ def too_deep(raw: bytes, body: object) -> bool:
     return False
 
 
+def not_token_ids(value: list[Any]) -> dict[str, Any]:
+    """The first problem vLLM reports for a list that is not token ids: at its first element
+    that is not a non-negative integer."""
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int):
+            if isinstance(item, str):
+                return problem("int_parsing", f"{i}", "Input should be a valid integer, unable "
+                               "to parse string as an integer", item)
+            return problem("int_type", f"{i}", "Input should be a valid integer", item)
+        if item < 0:
+            return problem("greater_than_equal", f"{i}",
+                           "Input should be greater than or equal to 0", item, {"ge": 0})
+    return problem("int_type", "0", "Input should be a valid integer", value)
+
+
 class Fields:
     """Reads members of a request body with pydantic's lax conversions, gathering problems.
 
@@ -170,6 +185,10 @@ class Fields:
     def add(self, kind: str, name: str, msg: str, value: object,
             ctx: dict[str, Any] | None = None) -> None:
         self.problems.append(problem(kind, f"body.{name}", msg, value, ctx))
+
+    def add_under(self, name: str, found: dict[str, Any]) -> None:
+        """A problem found inside member ``name`` (its ``loc`` relative to the member)."""
+        self.problems.append({**found, "loc": f"body.{name}.{found['loc']}"})
 
     def present(self, name: str, required: bool) -> bool:
         """Whether ``name`` has a value to convert; a missing required member is a problem,
