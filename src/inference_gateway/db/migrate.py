@@ -13,11 +13,19 @@ from importlib import resources
 
 import asyncpg
 
+from inference_gateway.db import locks
 from inference_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_LOCK_KEY = 0x1A7E6A7E  # any constant shared by every gateway process
+# Migrations whose text was later reworded without a change in what they create: a database
+# that applied an earlier text is up to date (checksums of those earlier texts, by version).
+REWORDED = {
+    # Shared helpers instead of repeated catalog lookups; log_maintenance_performance defined
+    # once, in public, where the wrapper called the copy in inference.
+    "0002_maintenance.sql": frozenset(
+        {"e23a72600027491655e64ab5be90b72595342c0feb9a9e24417b82b9226d7a5b"}),
+}
 _BOOKKEEPING = """
 CREATE SCHEMA IF NOT EXISTS inference;
 CREATE TABLE IF NOT EXISTS inference.schema_migrations (
@@ -64,13 +72,15 @@ async def migrate(dsn: str) -> list[str]:
     conn = await asyncpg.connect(dsn, timeout=10)
     applied: list[str] = []
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        await conn.execute("SELECT pg_advisory_lock($1)", locks.MIGRATIONS)
         try:
             await conn.execute(_BOOKKEEPING)
             done = await applied_versions(conn)
             for migration in available_migrations():
                 if migration.version in done:
-                    if done[migration.version] != migration.checksum:
+                    applied_text = done[migration.version]
+                    if applied_text != migration.checksum and \
+                            applied_text not in REWORDED.get(migration.version, ()):
                         log.warning("migration %s changed after it was applied",
                                     migration.version)
                     continue
@@ -85,7 +95,7 @@ async def migrate(dsn: str) -> list[str]:
                     )
                 applied.append(migration.version)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+            await conn.execute("SELECT pg_advisory_unlock($1)", locks.MIGRATIONS)
     finally:
         await conn.close()
     return applied

@@ -51,27 +51,28 @@ def _nested(value: dict[str, Any], member: str, key: str) -> int:
     return 0
 
 
-def openai_usage(value: object) -> Usage | None:
+def _read(value: object, prompt_key: str, completion_key: str, details_key: str,
+          completion_may_be_absent: bool = False) -> Usage | None:
+    """A usage object whose prompt count includes the cached part, as OpenAI's shapes have it."""
     if not isinstance(value, dict):
         return None
-    prompt = _count(value.get("prompt_tokens"))
-    completion = value.get("completion_tokens")
-    completion_count = 0 if completion is None else _count(completion)
-    if prompt is None or completion_count is None:
+    prompt = _count(value.get(prompt_key))
+    completion = value.get(completion_key)
+    if completion is None and completion_may_be_absent:
+        completion = 0
+    counted = _count(completion)
+    if prompt is None or counted is None:
         return None
-    return Usage(prompt, completion_count,
-                 min(_nested(value, "prompt_tokens_details", "cached_tokens"), prompt))
+    return Usage(prompt, counted, min(_nested(value, details_key, "cached_tokens"), prompt))
+
+
+def openai_usage(value: object) -> Usage | None:
+    # Pooling answers have no completion_tokens.
+    return _read(value, "prompt_tokens", "completion_tokens", "prompt_tokens_details", True)
 
 
 def responses_usage(value: object) -> Usage | None:
-    if not isinstance(value, dict):
-        return None
-    prompt = _count(value.get("input_tokens"))
-    completion = _count(value.get("output_tokens"))
-    if prompt is None or completion is None:
-        return None
-    return Usage(prompt, completion,
-                 min(_nested(value, "input_tokens_details", "cached_tokens"), prompt))
+    return _read(value, "input_tokens", "output_tokens", "input_tokens_details")
 
 
 def anthropic_usage(value: object) -> Usage | None:

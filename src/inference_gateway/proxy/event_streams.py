@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from inference_gateway.metering.readers import Shape, Usage, anthropic_usage, responses_usage
+from inference_gateway.proxy.sse import take_events
 
 _EVENT = b"event: "
 _DATA = b"data: "
@@ -62,13 +63,9 @@ class EventStream:
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send to the client now: the complete events that arrived, up to the end."""
-        data = self._buffer + chunk if self._buffer else chunk
-        end = data.rfind(b"\n\n")
-        if end == -1:
-            self._buffer = data
+        complete, self._buffer = take_events(self._buffer, chunk)
+        if not complete:
             return b""
-        self._buffer = data[end + 2:]
-        complete = data[: end + 2]
         if self._held:
             self._held += complete
             return b""

@@ -13,6 +13,15 @@ _FINISHED = b'"finish_reason":"'  # a non-null finish reason; cannot occur insid
 DONE = b"data: [DONE]\n\n"
 
 
+def take_events(buffer: bytes, chunk: bytes) -> tuple[bytes, bytes]:
+    """The complete events in what has arrived so far, and the rest, kept for the next chunk."""
+    data = buffer + chunk if buffer else chunk
+    end = data.rfind(b"\n\n")
+    if end == -1:
+        return b"", data
+    return data[: end + 2], data[end + 2 :]
+
+
 class StreamFilter:
     """Splits an SSE byte stream into events and rewrites each one.
 
@@ -53,13 +62,9 @@ class StreamFilter:
         A closing ``data: [DONE]`` is held back (``done`` is set instead) so that the caller
         can record the usage before the client learns that the stream is over.
         """
-        data = self._buffer + chunk if self._buffer else chunk
-        end = data.rfind(b"\n\n")
-        if end == -1:
-            self._buffer = data
+        complete, self._buffer = take_events(self._buffer, chunk)
+        if not complete:
             return b""
-        self._buffer = data[end + 2 :]
-        complete = data[: end + 2]
         at = len(complete) - len(DONE)
         if complete.endswith(DONE) and (at == 0 or complete[at - 1] == 0x0A):
             complete = complete[: -len(DONE)]

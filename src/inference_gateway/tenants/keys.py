@@ -25,18 +25,20 @@ PREFIX_LENGTH = 12
 _CREATE_ATTEMPTS = 5
 
 
-@dataclass(frozen=True, slots=True)
-class KeyEntry:
-    id: int
-    tenant: Tenant
-
-
 def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
 def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """A live key: its row's id (for "last used") and the tenant it names."""
+
+    id: int
+    tenant: Tenant
 
 
 class KeyRing:

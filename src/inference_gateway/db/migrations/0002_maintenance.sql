@@ -3,7 +3,7 @@
 --
 --   inference.optimized_run_maintenance(parent)     pg_partman's run_maintenance, measured and locked
 --   inference.parallel_run_maintenance(schemas, n)  the per-set steps on n connections at once
---   inference.log_maintenance_performance(...)       one row per run in inference.maintenance_log
+--   public.log_maintenance_performance(...)          one row per run in inference.maintenance_log
 --   inference.maintenance_performance_analysis       per function and day
 --   inference.configure_maintenance(...)             retention, threshold, schedule from settings
 --
@@ -143,18 +143,34 @@ LANGUAGE sql STABLE AS $$
      WHERE p.partrelid = inference._parent_oid(p_parent_table)
 $$;
 
--- The partitions of a set (quoted, schema-qualified), without the default; catalog only, so it
--- takes no lock on the tables.
-CREATE FUNCTION inference._partitions(p_parent_table text) RETURNS text[]
+-- The partitions of a set, without the default: catalog only, so it takes no lock on the tables.
+CREATE FUNCTION inference._children(p_parent_table text)
+RETURNS TABLE (child oid, relname name, qualified text)
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY c.relname),
-                    '{}'::text[])
+    SELECT c.oid, c.relname, format('%I.%I', n.nspname, c.relname)
       FROM pg_catalog.pg_inherits i
       JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE i.inhparent = inference._parent_oid(p_parent_table)
        AND i.inhrelid <> coalesce((SELECT partdefid FROM pg_catalog.pg_partitioned_table
                                     WHERE partrelid = i.inhparent), 0)
+$$;
+
+-- The same, as one array of quoted, schema-qualified names.
+CREATE FUNCTION inference._partitions(p_parent_table text) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(array_agg(qualified ORDER BY relname), '{}'::text[])
+      FROM inference._children(p_parent_table)
+$$;
+
+-- The control column of a set and how it holds time ('none', or the unit of an epoch column).
+CREATE FUNCTION inference._control_of(p_parent_table text, OUT control text, OUT epoch text)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    EXECUTE format('SELECT control, epoch FROM %I.part_config WHERE parent_table = $1',
+                   inference._extension_schema('pg_partman'))
+       INTO control, epoch USING p_parent_table;
+END
 $$;
 
 -- Where each partition of a time-based set starts. pg_get_expr() opens (and locks, briefly) the
@@ -165,32 +181,21 @@ CREATE FUNCTION inference._partition_starts(p_parent_table text)
 RETURNS TABLE (partition_name text, start_at timestamptz)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_partman text := inference._extension_schema('pg_partman');
-    v_epoch   text;
     v_factor  numeric;
     v_child   record;
     v_raw     text;
 BEGIN
-    EXECUTE format('SELECT epoch FROM %I.part_config WHERE parent_table = $1', v_partman)
-       INTO v_epoch USING p_parent_table;
-    v_factor := CASE v_epoch WHEN 'seconds' THEN 1 WHEN 'milliseconds' THEN 1000
-                             WHEN 'microseconds' THEN 1000000 WHEN 'nanoseconds' THEN 1000000000
+    v_factor := CASE (inference._control_of(p_parent_table)).epoch
+                    WHEN 'seconds' THEN 1 WHEN 'milliseconds' THEN 1000
+                    WHEN 'microseconds' THEN 1000000 WHEN 'nanoseconds' THEN 1000000000
                 END;
-    FOR v_child IN
-        SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS name
-          FROM pg_catalog.pg_inherits i
-          JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
-          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-         WHERE i.inhparent = inference._parent_oid(p_parent_table)
-           AND i.inhrelid <> coalesce((SELECT partdefid FROM pg_catalog.pg_partitioned_table
-                                        WHERE partrelid = i.inhparent), 0)
-    LOOP
+    FOR v_child IN SELECT child, qualified FROM inference._children(p_parent_table) LOOP
         v_raw := btrim((regexp_match(
                      pg_catalog.pg_get_expr((SELECT relpartbound FROM pg_catalog.pg_class
-                                              WHERE oid = v_child.oid), v_child.oid),
+                                              WHERE oid = v_child.child), v_child.child),
                      'FROM \(([^)]*)\) TO'))[1], '''');
         CONTINUE WHEN v_raw IS NULL OR v_raw IN ('MINVALUE', 'MAXVALUE');
-        partition_name := v_child.name;
+        partition_name := v_child.qualified;
         start_at := CASE WHEN v_factor IS NULL THEN v_raw::timestamptz
                          ELSE to_timestamp(v_raw::numeric / v_factor) END;
         RETURN NEXT;
@@ -200,21 +205,14 @@ $$;
 
 -- The control column as a time expression (epoch columns converted), for dynamic SQL.
 CREATE FUNCTION inference._control_expression(p_parent_table text) RETURNS text
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_partman text := inference._extension_schema('pg_partman');
-    v_control text;
-    v_epoch   text;
-BEGIN
-    EXECUTE format('SELECT control, epoch FROM %I.part_config WHERE parent_table = $1', v_partman)
-       INTO v_control, v_epoch USING p_parent_table;
-    RETURN CASE v_epoch
-        WHEN 'seconds' THEN format('to_timestamp(%I)', v_control)
-        WHEN 'milliseconds' THEN format('to_timestamp(%I / 1000.0)', v_control)
-        WHEN 'microseconds' THEN format('to_timestamp(%I / 1000000.0)', v_control)
-        WHEN 'nanoseconds' THEN format('to_timestamp(%I / 1000000000.0)', v_control)
-        ELSE format('%I', v_control) END;
-END
+LANGUAGE sql STABLE AS $$
+    SELECT CASE epoch
+        WHEN 'seconds' THEN format('to_timestamp(%I)', control)
+        WHEN 'milliseconds' THEN format('to_timestamp(%I / 1000.0)', control)
+        WHEN 'microseconds' THEN format('to_timestamp(%I / 1000000.0)', control)
+        WHEN 'nanoseconds' THEN format('to_timestamp(%I / 1000000000.0)', control)
+        ELSE format('%I', control) END
+      FROM inference._control_of(p_parent_table)
 $$;
 
 -- The start of the partition that holds p_at, on the grid of the set's existing partitions.
@@ -292,23 +290,14 @@ $$;
 
 -- True for sets partitioned by time (a time column, or an integer column holding epoch times).
 CREATE FUNCTION inference._is_time_set(p_parent_table text) RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_partman text := inference._extension_schema('pg_partman');
-    v_control text;
-    v_epoch   text;
-BEGIN
-    EXECUTE format('SELECT control, epoch FROM %I.part_config WHERE parent_table = $1', v_partman)
-       INTO v_control, v_epoch USING p_parent_table;
-    IF coalesce(v_epoch, 'none') <> 'none' THEN
-        RETURN true;
-    END IF;
-    RETURN EXISTS (
-        SELECT 1 FROM pg_catalog.pg_attribute a
-         WHERE a.attrelid = inference._parent_oid(p_parent_table)
-           AND a.attname = v_control
-           AND a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype));
-END
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(epoch, 'none') <> 'none' OR EXISTS (
+               SELECT 1 FROM pg_catalog.pg_attribute a
+                WHERE a.attrelid = inference._parent_oid(p_parent_table)
+                  AND a.attname = control
+                  AND a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype,
+                                     'date'::regtype))
+      FROM inference._control_of(p_parent_table)
 $$;
 
 -- SET LOCAL maintenance_work_mem to the configured value, never lowering it.
@@ -350,7 +339,7 @@ $$;
 -- Logging
 ------------------------------------------------------------------------------------------------
 
-CREATE FUNCTION inference.log_maintenance_performance(
+CREATE FUNCTION public.log_maintenance_performance(
     p_function_name      text,
     p_parent_table       text,
     p_started_at         timestamptz,
@@ -408,7 +397,7 @@ BEGIN
     EXECUTE format('SELECT id FROM %I.dblink($1, $2) AS t(id bigint)', v_dblink)
        INTO v_id
       USING inference._conninfo(current_database()),
-            format('SELECT inference.log_maintenance_performance(%L, %L, %L::timestamptz, '
+            format('SELECT public.log_maintenance_performance(%L, %L, %L::timestamptz, '
                    'clock_timestamp(), 0, 0, 0, NULL, ''failed'', %L::jsonb, %L)',
                    p_function_name, p_parent_table, to_json(p_started_at) #>> '{}',
                    coalesce(p_steps, '{}')::text, p_detail);
@@ -755,7 +744,7 @@ BEGIN
     v_result.default_rows := inference._default_rows(p_parent_table);
     v_result.seconds := round(extract(epoch FROM v_finished - p_started_at), 3);
     v_result.detail := v_detail;
-    v_result.log_id := inference.log_maintenance_performance(
+    v_result.log_id := public.log_maintenance_performance(
         p_function_name, p_parent_table, p_started_at, v_finished,
         v_result.partitions_created, v_result.partitions_dropped, v_result.rows_moved,
         v_result.default_rows, v_status, v_steps, v_detail);
@@ -798,7 +787,7 @@ BEGIN
         v_result.rows_moved := 0;
         v_result.detail := v_message;
         v_result.seconds := round(extract(epoch FROM clock_timestamp() - v_started), 3);
-        v_result.log_id := inference.log_maintenance_performance(
+        v_result.log_id := public.log_maintenance_performance(
             'optimized_run_maintenance', p_parent_table, v_started, clock_timestamp(),
             0, 0, 0, NULL, 'skipped', '{"run_maintenance": "skipped"}', v_message);
         RETURN v_result;
@@ -846,7 +835,7 @@ BEGIN
     v_result.rows_moved := v_moved;
     v_result.default_rows := v_left;
     v_result.seconds := round(extract(epoch FROM clock_timestamp() - v_started), 3);
-    v_result.log_id := inference.log_maintenance_performance(
+    v_result.log_id := public.log_maintenance_performance(
         'optimized_run_maintenance', p_parent_table, v_started, clock_timestamp(),
         v_result.partitions_created, v_result.partitions_dropped, v_moved, v_left, 'done',
         jsonb_build_object('move_default', 'done', 'run_maintenance', 'done', 'premake', 'done',
@@ -864,15 +853,15 @@ CREATE FUNCTION inference.parallel_run_maintenance(p_schemas text[] DEFAULT NULL
 RETURNS SETOF inference.maintenance_result
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_started  timestamptz := clock_timestamp();
     v_dblink   text := inference._extension_schema('dblink');
+    v_started  timestamptz := clock_timestamp();
+    v_jobs     integer;
     v_sets     text[];
     v_set      text;
     v_conns    text[] := '{}';
     v_busy_set text[];
     v_prefix   text;
     v_conninfo text;
-    v_jobs     integer;
     v_next     integer := 1;
     v_running  integer;
     v_collected boolean;
@@ -907,7 +896,7 @@ BEGIN
         v_result.rows_moved := 0;
         v_result.detail := 'partition maintenance is already running in another session';
         v_result.seconds := round(extract(epoch FROM clock_timestamp() - v_started), 3);
-        v_result.log_id := inference.log_maintenance_performance(
+        v_result.log_id := public.log_maintenance_performance(
             'parallel_run_maintenance', NULL, v_started, clock_timestamp(), 0, 0, 0, NULL,
             'skipped', '{}', v_result.detail);
         RETURN NEXT v_result;
@@ -1339,7 +1328,8 @@ END
 $$;
 
 ------------------------------------------------------------------------------------------------
--- Unqualified names, as the README uses them: thin wrappers in public.
+-- Unqualified names, as the README uses them: thin wrappers in public (and
+-- log_maintenance_performance, which lives there itself).
 ------------------------------------------------------------------------------------------------
 
 CREATE FUNCTION public.optimized_run_maintenance(p_parent_table text DEFAULT NULL)
@@ -1350,25 +1340,6 @@ CREATE FUNCTION public.parallel_run_maintenance(p_schemas text[] DEFAULT NULL,
                                                 p_jobs integer DEFAULT 2)
 RETURNS SETOF inference.maintenance_result
 LANGUAGE sql AS $$ SELECT * FROM inference.parallel_run_maintenance(p_schemas, p_jobs) $$;
-
-CREATE FUNCTION public.log_maintenance_performance(
-    p_function_name      text,
-    p_parent_table       text,
-    p_started_at         timestamptz,
-    p_finished_at        timestamptz DEFAULT clock_timestamp(),
-    p_partitions_created integer     DEFAULT 0,
-    p_partitions_dropped integer     DEFAULT 0,
-    p_rows_moved         bigint      DEFAULT 0,
-    p_default_rows       bigint      DEFAULT NULL,
-    p_status             text        DEFAULT 'done',
-    p_steps              jsonb       DEFAULT '{}',
-    p_detail             text        DEFAULT NULL
-) RETURNS bigint
-LANGUAGE sql AS $$
-    SELECT inference.log_maintenance_performance(
-        p_function_name, p_parent_table, p_started_at, p_finished_at, p_partitions_created,
-        p_partitions_dropped, p_rows_moved, p_default_rows, p_status, p_steps, p_detail)
-$$;
 
 CREATE VIEW public.maintenance_performance_analysis AS
     SELECT * FROM inference.maintenance_performance_analysis;
