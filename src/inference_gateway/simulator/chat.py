@@ -9,13 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
-from inference_gateway.simulator import tokens, usage
+from inference_gateway.simulator import prechecks, tokens, usage
 from inference_gateway.simulator.engine import YIELD_EVERY, Engine, new_id, sse
 from inference_gateway.simulator.sampling import Generation, Sampling, plan, read_seed
 from inference_gateway.simulator.validation import (
+    STREAM_FAILURE,
     Fields,
     SimError,
-    checked,
+    engine_failure,
     json_response,
     problem,
 )
@@ -33,26 +34,27 @@ class ChatRequest:
     return_token_ids: bool
 
 
-def read(body: dict[str, Any], fields: Fields, messages: list[Any] | None) -> ChatRequest:
-    """The members after ``messages``, in the order vLLM's request model declares them."""
+def read(body: dict[str, Any], fields: Fields, messages: list[Any] | None,
+         batch: bool = False) -> ChatRequest:
+    """The members after ``messages``, in the order vLLM's request model declares them (a
+    batch request declares fewer)."""
     sampling = Sampling()
     fields.string("model")
     sampling.frequency_penalty = fields.number("frequency_penalty")
     logprobs = fields.flag("logprobs")
-    top_logprobs = fields.integer("top_logprobs")
+    top_logprobs = fields.integer("top_logprobs", nullable=False)
     sampling.max_tokens = fields.integer("max_tokens")
     completion_cap = fields.integer("max_completion_tokens")
     sampling.n = fields.integer("n")
     sampling.presence_penalty = fields.number("presence_penalty")
+    fields.stop("stop")
     read_seed(fields)
-    stream = fields.flag("stream") is True
-    options = fields.mapping("stream_options")
-    sampling.read_common(fields)
-    return_token_ids = fields.flag("return_token_ids") is True
+    stream = not batch and fields.flag("stream") is True
+    options = None if batch else fields.mapping("stream_options")
+    sampling.read_common(fields, engine_members=not batch)
+    fields.flag("echo", nullable=False)
+    return_token_ids = fields.flag("return_token_ids", nullable=not batch) is True
     fields.done()
-    if top_logprobs is not None and not logprobs:
-        raise checked("when using `top_logprobs`, `logprobs` must be set to true.",
-                      "top_logprobs")
     if logprobs:
         sampling.logprobs = top_logprobs or 0
     if completion_cap is not None:
@@ -60,9 +62,38 @@ def read(body: dict[str, Any], fields: Fields, messages: list[Any] | None) -> Ch
     return ChatRequest(messages, sampling, stream, options, return_token_ids)
 
 
+MESSAGE_KINDS = ("ChatCompletionDeveloperMessageParam", "ChatCompletionSystemMessageParam",
+                 "ChatCompletionUserMessageParam", "ChatCompletionAssistantMessageParam",
+                 "ChatCompletionToolMessageParam", "ChatCompletionFunctionMessageParam",
+                 "CustomChatCompletionMessageParam", "Message")
+
+
+def check_messages(fields: Fields, name: str, messages: list[Any]) -> None:
+    """Each message must be an object, and one with a textual role; vLLM reports a failure
+    against the first kind of message it tried."""
+    for i, message in enumerate(messages):
+        where = f"{name}.{i}.{MESSAGE_KINDS[0]}"
+        if not isinstance(message, dict):
+            for kind in MESSAGE_KINDS:
+                fields.add("dict_type", f"{name}.{i}.{kind}", "Input should be a valid "
+                           "dictionary", message)
+        elif message.get("content") is not None \
+                and not isinstance(message["content"], str | list):
+            fields.add("string_type", f"{where}.content", "Input should be a valid string",
+                       message["content"])
+            fields.add("iterable_type", f"{where}.content", "Input should be iterable",
+                       message["content"])
+        elif not message or ("role" in message and not isinstance(message["role"], str)):
+            if "content" not in message:
+                fields.add("missing", f"{where}.content", "Field required", message)
+            if "role" in message:
+                fields.add("literal_error", f"{where}.role", "Input should be 'developer'",
+                           message["role"], {"expected": "'developer'"})
+            else:
+                fields.add("missing", f"{where}.role", "Field required", message)
+
+
 def conversation(messages: list[Any] | None) -> list[int]:
-    if messages is None:  # vLLM lets a null through its validation and fails rendering it
-        raise SimError(400, "'NoneType' object is not iterable", "BadRequestError")
     if not messages:
         raise SimError(400, EMPTY_CONVERSATION, "BadRequestError")
     return tokens.chat_prompt_ids(messages)
@@ -71,8 +102,10 @@ def conversation(messages: list[Any] | None) -> list[int]:
 async def chat(engine: Engine, request: web.Request) -> web.StreamResponse:
     try:
         body = await engine.body(request)
+        prechecks.chat(body)
         fields = Fields(body)
-        messages = fields.items("messages", required=body.get("messages", []) is not None)
+        messages = fields.items("messages", required=True)
+        check_messages(fields, "messages", messages or [])
         req = read(body, fields, messages)
         gen = plan(engine, body, req.sampling, lambda: [conversation(req.messages)],
                    stream=req.stream, options=req.options,
@@ -82,6 +115,8 @@ async def chat(engine: Engine, request: web.Request) -> web.StreamResponse:
     rid, created = new_id("chatcmpl-"), int(time.time())
     if gen.stream:
         return await _stream(engine, request, gen, rid, created)
+    if gen.refused:
+        return engine_failure().response()
     await engine.pace_all(gen.max_tokens)
     choices = [await _choice(gen, i, gen.max_tokens) for i in range(gen.n)]
     details = engine.details(gen.cache[0])
@@ -94,26 +129,30 @@ async def batch(engine: Engine, request: web.Request) -> web.StreamResponse:
     """One completion per conversation; vLLM reads ``stream`` but still answers in one piece."""
     try:
         body = await engine.body(request)
+        prechecks.batch(body)
         fields = Fields(body)
         conversations = fields.items("messages", required=True)
         if conversations is not None:
             _check_conversations(conversations, fields)
         turns = conversations or []
-        req = read(body, fields, turns)
-        if (req.sampling.n or 1) > 1:
-            raise checked("Batch chat completions do not support `n > 1`. Please set `n` to 1.",
-                          "n", req.sampling.n)
+        req = read(body, fields, turns, batch=True)
+        stream = Fields({"stream": body.get("stream")}).flag("stream") is True
+
+        engine.model(body)
+        prechecks.conversation_members(body)  # as vLLM renders each conversation
+        req.sampling.min_tokens = Fields(body).integer("min_tokens")
         gen = plan(engine, body, req.sampling,
-                   lambda: [tokens.chat_prompt_ids(c) for c in turns],
-                   stream=False, options=req.options if not req.stream else None,
+                   lambda: [tokens.chat_prompt_ids(c) for c in turns], stream=False, options=None,
                    return_token_ids=req.return_token_ids)
     except SimError as exc:
         return exc.response()
+    if gen.refused:
+        return engine_failure().response()
     await engine.pace_all(gen.max_tokens)
     # With "stream": true vLLM keeps only each conversation's last step: one token of text,
     # and usage counts only those tokens.
-    produced = 1 if req.stream else gen.max_tokens
-    choices = [await _choice(gen, i, produced, last_only=req.stream)
+    produced = 1 if stream else gen.max_tokens
+    choices = [await _choice(gen, i, produced, last_only=stream)
                for i in range(len(gen.prompts))]
     return json_response(_completion(
         engine, gen, new_id("chatcmpl-"), int(time.time()), choices,
@@ -129,6 +168,8 @@ def _check_conversations(conversations: list[Any], fields: Fields) -> None:
                                            "Input should be a valid list", item))
         elif not item:
             fields.problems.append(_too_short(f"body.messages.{i}", item))
+        else:
+            check_messages(fields, f"messages.{i}", item)
 
 
 def _too_short(loc: str, value: list[Any]) -> dict[str, Any]:
@@ -184,6 +225,10 @@ def filler_ids(n: int, salt: int = 0) -> list[int]:
 async def _stream(engine: Engine, request: web.Request, gen: Generation, rid: str,
                   created: int) -> web.StreamResponse:
     response = await engine.open_stream(request)
+    if gen.refused:
+        await response.write(STREAM_FAILURE)
+        await response.write_eof()
+        return response
     base = {"id": rid, "object": "chat.completion.chunk", "created": created,
             "model": gen.model}
     prompt = gen.prompts[0]

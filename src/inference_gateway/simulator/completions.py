@@ -8,14 +8,16 @@ from typing import Any
 
 from aiohttp import web
 
-from inference_gateway.simulator import tokens, usage
+from inference_gateway.simulator import prechecks, tokens, usage
 from inference_gateway.simulator.chat import filler_ids
 from inference_gateway.simulator.engine import YIELD_EVERY, Engine, new_id, sse
 from inference_gateway.simulator.sampling import Generation, Sampling, plan, read_seed
 from inference_gateway.simulator.validation import (
+    STREAM_FAILURE,
     Fields,
     SimError,
     checked,
+    engine_failure,
     json_response,
     not_token_ids,
 )
@@ -37,10 +39,9 @@ def read_prompt(fields: Fields) -> Any:
             fields.add(kind, "prompt", msg, value)
         return None
     if all(isinstance(p, str) for p in value) or all(isinstance(p, list) for p in value):
-        if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-               for p in value if isinstance(p, list) for t in p):
+        if all(isinstance(t, int) and t >= 0 for p in value if isinstance(p, list) for t in p):
             return value
-    elif all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+    elif all(isinstance(t, int) and t >= 0 for t in value):  # true and false count as 1 and 0
         return value
     fields.add_under("prompt", not_token_ids(value))
     fields.add("string_type", "prompt", "Input should be a valid string", value)
@@ -49,8 +50,8 @@ def read_prompt(fields: Fields) -> Any:
 
 def render(value: Any) -> list[list[int]]:
     """Token ids of each prompt."""
-    if value is None or value == "" or value == []:
-        raise checked("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+    if value == []:
+        raise checked("You must pass at least one prompt")
     if isinstance(value, str):
         return [tokens.text_ids(value)]
     if all(isinstance(p, int) for p in value):
@@ -64,6 +65,7 @@ def render(value: Any) -> list[list[int]]:
 async def completions(engine: Engine, request: web.Request) -> web.StreamResponse:
     try:
         body = await engine.body(request)
+        prechecks.completion(body)
         fields = Fields(body)
         sampling = Sampling()
         fields.string("model")
@@ -72,9 +74,10 @@ async def completions(engine: Engine, request: web.Request) -> web.StreamRespons
         sampling.frequency_penalty = fields.number("frequency_penalty")
         sampling.logprobs = fields.integer("logprobs")
         sampling.max_tokens = fields.integer("max_tokens")
-        sampling.n = fields.integer("n")
+        sampling.n = fields.integer("n", nullable=False)
         sampling.presence_penalty = fields.number("presence_penalty")
         read_seed(fields)
+        fields.stop("stop")
         stream = fields.flag("stream") is True
         options = fields.mapping("stream_options")
         sampling.read_common(fields)
@@ -87,6 +90,8 @@ async def completions(engine: Engine, request: web.Request) -> web.StreamRespons
     rid, created = new_id("cmpl-"), int(time.time())
     if gen.stream:
         return await _stream(engine, request, gen, rid, created)
+    if gen.refused:
+        return engine_failure().response()
     await engine.pace_all(gen.max_tokens)
     choices: list[dict[str, Any]] = []
     for p, prompt_tokens in enumerate(gen.prompts):
@@ -130,6 +135,10 @@ async def completions(engine: Engine, request: web.Request) -> web.StreamRespons
 async def _stream(engine: Engine, request: web.Request, gen: Generation, rid: str,
                   created: int) -> web.StreamResponse:
     response = await engine.open_stream(request)
+    if gen.refused:
+        await response.write(STREAM_FAILURE)
+        await response.write_eof()
+        return response
     base = {"id": rid, "object": "text_completion", "created": created, "model": gen.model}
     await engine.pace_first()
     for t in range(gen.max_tokens):

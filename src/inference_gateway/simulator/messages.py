@@ -30,7 +30,7 @@ from inference_gateway.simulator.sampling import (
     output_budget,
     verify,
 )
-from inference_gateway.simulator.validation import Fields, SimError, json_response
+from inference_gateway.simulator.validation import Fields, SimError, engine_failure, json_response
 
 
 @dataclass
@@ -39,6 +39,18 @@ class Message:
     prompt: list[int]
     max_tokens: int
     cache: CacheUse
+    refused: bool  # the engine fails once the request is accepted (see Sampling)
+
+
+# What vLLM sends when its engine fails during a stream: its own converter's complaint about
+# the OpenAI error chunk it was handed.
+STREAM_FAILURE = (
+    "2 validation errors for ChatCompletionStreamResponse\nmodel\n  Field required "
+    "[type=missing, input_value={'error': {'message': '',...am': None, 'code': 500}}, "
+    "input_type=dict]\n    For further information visit "
+    "https://errors.pydantic.dev/2.14/v/missing\nchoices\n  Field required [type=missing, "
+    "input_value={'error': {'message': '',...am': None, 'code': 500}}, input_type=dict]\n"
+    "    For further information visit https://errors.pydantic.dev/2.14/v/missing")
 
 
 def anthropic_error(exc: SimError) -> web.Response:
@@ -46,13 +58,57 @@ def anthropic_error(exc: SimError) -> web.Response:
                                                      "message": exc.message}}, exc.status)
 
 
+ROLES = ("user", "assistant", "system")
+BLOCKS = ("text", "image", "tool_use", "tool_result", "tool_reference", "thinking",
+          "redacted_thinking", "tool_addition", "tool_removal")
+
+
+def _content(fields: Fields, name: str, value: Any) -> None:
+    """A string, or content blocks each with a known ``type``."""
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list):
+        fields.add("string_type", name, "Input should be a valid string", value)
+        fields.add("list_type", name, "Input should be a valid list", value)
+        return
+    found = Fields({})
+    for i, block in enumerate(value):
+        if not isinstance(block, dict):
+            found.add("model_attributes_type", f"{name}.{i}", "Input should be a valid "
+                      "dictionary or object to extract fields from", block)
+        elif "type" not in block:
+            found.add("missing", f"{name}.{i}.type", "Field required", block)
+        elif block["type"] not in BLOCKS:
+            expected = ", ".join(f"'{b}'" for b in BLOCKS[:-1]) + f" or '{BLOCKS[-1]}'"
+            found.add("literal_error", f"{name}.{i}.type", f"Input should be {expected}",
+                      block["type"], {"expected": expected})
+    if found.problems:
+        fields.add("string_type", name, "Input should be a valid string", value)
+        fields.problems += found.problems
+
+
 def _read_prompt(fields: Fields) -> list[Any]:
-    """``model``, ``messages`` and ``system``, checked as vLLM's request model checks them."""
+    """``model`` and ``messages``, checked as vLLM's request model checks them."""
     model = fields.string("model", required=True)
     if model == "":
         fields.add("value_error", "model", "Value error, Model is required", model,
                    {"error": ValueError("Model is required")})
     messages = fields.items("messages", required=True) or []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            fields.add("model_attributes_type", f"messages.{i}", "Input should be a valid "
+                       "dictionary or object to extract fields from", message)
+            continue
+        if "role" not in message:
+            fields.add("missing", f"messages.{i}.role", "Field required", message)
+        elif message["role"] not in ROLES:
+            fields.add("literal_error", f"messages.{i}.role",
+                       "Input should be 'user', 'assistant' or 'system'", message["role"],
+                       {"expected": "'user', 'assistant' or 'system'"})
+        if "content" not in message:
+            fields.add("missing", f"messages.{i}.content", "Field required", message)
+        else:
+            _content(fields, f"messages.{i}.content", message["content"])
     return messages
 
 
@@ -60,9 +116,7 @@ def _system(fields: Fields) -> list[dict[str, Any]]:
     system = fields.body.get("system")
     if system is None:
         return []
-    if not isinstance(system, str | list):
-        fields.add("string_type", "system", "Input should be a valid string", system)
-        return []
+    _content(fields, "system", system)
     return [{"role": "system", "content": system}]
 
 
@@ -86,7 +140,7 @@ async def messages(engine: Engine, request: web.Request) -> web.StreamResponse:
             fields.add("value_error", "max_tokens", "Value error, max_tokens must be positive",
                        sampling.max_tokens, {"error": ValueError("max_tokens must be positive")})
         fields.mapping("metadata")
-        fields.items("stop_sequences")
+        fields.stop("stop_sequences", text_allowed=False)
         stream = fields.flag("stream") is True
         system = _system(fields)
         sampling.temperature = fields.number("temperature")
@@ -102,6 +156,8 @@ async def messages(engine: Engine, request: web.Request) -> web.StreamResponse:
     rid = new_id("chatcmpl-")
     words = tokens.output_words(message.max_tokens)
     final_usage = _usage(engine, message, len(words))
+    if not stream and message.refused:
+        return anthropic_error(engine_failure())
     if not stream:
         await engine.pace_all(message.max_tokens)
         return json_response({
@@ -109,6 +165,11 @@ async def messages(engine: Engine, request: web.Request) -> web.StreamResponse:
             "content": [{"type": "text", "text": " ".join(words)}], "model": message.model,
             "stop_reason": "max_tokens", "usage": final_usage})
     response = await engine.open_stream(request)
+    if message.refused:
+        await response.write(typed_sse("error", {"type": "error", "error": {
+            "type": "internal_error", "message": STREAM_FAILURE}}))
+        await response.write_eof()
+        return response
     await engine.pace_first()  # vLLM starts the message with its first generated chunk
     await response.write(typed_sse("message_start", {"type": "message_start", "message": {
         "id": rid, "type": "message", "role": "assistant", "content": [],
@@ -141,7 +202,8 @@ def _plan(engine: Engine, body: dict[str, Any], sampling: Sampling,
     prompt = _render(engine, system, conversation)
     budget = output_budget(sampling, len(prompt), limit, engine.config.default_max_tokens)
     verify(sampling, budget)
-    return Message(model, prompt, budget, engine.cache_use(model, prompt))
+    return Message(model, prompt, budget, engine.cache_use(model, prompt),
+                   sampling.engine_refuses)
 
 
 def _usage(engine: Engine, message: Message, output: int) -> dict[str, Any]:

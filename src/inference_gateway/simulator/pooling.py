@@ -58,16 +58,18 @@ def _ids(engine: Engine, text: str) -> list[int]:
     return ids
 
 
-def _inputs(engine: Engine, value: Any) -> list[list[int]]:
-    """Token ids of each input of an embeddings request."""
-    if isinstance(value, str):
-        return [_ids(engine, value)]
-    if not value:
+def _inputs(engine: Engine, value: Any, truncate: int | None) -> list[list[int]]:
+    """Token ids of each input of an embeddings request, cut to the last ``truncate``."""
+    if not value and not isinstance(value, str):
         raise checked("You must pass at least one prompt")
-    if all(isinstance(v, int) for v in value):
+    if isinstance(value, str):
+        prompts = [tokens.text_ids(value)]
+    elif all(isinstance(v, int) for v in value):
         prompts = [list(value)]
     else:
-        prompts = [_ids(engine, v) if isinstance(v, str) else list(v) for v in value]
+        prompts = [tokens.text_ids(v) if isinstance(v, str) else list(v) for v in value]
+    if truncate is not None and truncate >= 0:
+        prompts = [p[len(p) - truncate:] if truncate else [] for p in prompts]
     for prompt in prompts:
         if not prompt:
             raise SimError(400, _EMPTY, "BadRequestError")
@@ -76,8 +78,10 @@ def _inputs(engine: Engine, value: Any) -> list[list[int]]:
     return prompts
 
 
-def _token_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _token_id(value: object, signed: bool = False) -> bool:
+    """A token id as an embeddings input may hold one (``signed``: in a list of lists, where
+    vLLM checks the sign only against its vocabulary)."""
+    return isinstance(value, int) and (signed or value >= 0)
 
 
 def _read_input(fields: Fields) -> Any:
@@ -90,7 +94,7 @@ def _read_input(fields: Fields) -> Any:
         return value
     if isinstance(value, list) and (
             all(isinstance(v, str) for v in value) or all(_token_id(v) for v in value)
-            or all(isinstance(v, list) and all(_token_id(t) for t in v) for v in value)):
+            or all(isinstance(v, list) and all(_token_id(t, True) for t in v) for v in value)):
         return value
     if isinstance(value, list):
         fields.add_under("input", not_token_ids(value))
@@ -108,15 +112,15 @@ async def embeddings(engine: Engine, request: web.Request) -> web.Response:
     try:
         body = await engine.body(request)
         fields = Fields(body)
-        fields.string("model")
-        value = _read_input(fields)
-        encoding = fields.string("encoding_format")
-        if encoding is not None and encoding not in ENCODINGS:
+        encoding = body.get("encoding_format")
+        if "encoding_format" in body and encoding not in ENCODINGS:
             expected = "'float', 'base64', 'bytes' or 'bytes_only'"
             fields.add("literal_error", "encoding_format", f"Input should be {expected}",
                        encoding, {"expected": expected})
         dimensions = fields.integer("dimensions")
-        truncate = fields.integer("truncate_prompt_tokens")
+        value = _read_input(fields)
+        fields.string("model")
+        truncate = fields.integer("truncate_prompt_tokens", ge=-1)
         fields.done()
         model = engine.pooling_model(body)
         if dimensions is not None:
@@ -125,7 +129,7 @@ async def embeddings(engine: Engine, request: web.Request) -> web.Response:
         if truncate is not None and truncate > engine.config.max_model_len:
             raise checked("truncate_prompt_tokens value is greater than max_model_len. Please "
                           "request a smaller truncation size.")
-        prompts = _inputs(engine, value)
+        prompts = _inputs(engine, value, truncate)
     except SimError as exc:
         return exc.response()
     dim = engine.config.embedding_dim
@@ -141,6 +145,15 @@ async def embeddings(engine: Engine, request: web.Request) -> web.Response:
                           "model": model, "data": data, "usage": usage.pooling(prompt_tokens)})
 
 
+MULTIMODAL = "MultiModalParam is not supported for LlamaForCausalLM"
+
+
+def _multimodal(value: Any) -> bool:
+    """Whether a score or rerank side holds multimodal items, which a text model refuses."""
+    items = value if isinstance(value, list) else [value]
+    return any(isinstance(item, dict) and isinstance(item.get("content"), list) for item in items)
+
+
 def _side(value: Any) -> list[str] | None:
     if isinstance(value, str):
         return [value]
@@ -153,14 +166,18 @@ def _score_sides(fields: Fields) -> tuple[list[str], list[str]] | None:
     """The two sides of a score request, under whichever pair of names it used."""
     body = fields.body
     for first, second in SCORE_PAIRS:
-        left, right = _side(body.get(first)), _side(body.get(second))
-        if left is not None and right is not None:
-            return left, right
+        if first not in body or second not in body:
+            continue
+        left, right = _side(body[first]), _side(body[second])
+        multimodal = _multimodal(body[first]) or _multimodal(body[second])
+        if (left is not None or _multimodal(body[first])) \
+                and (right is not None or _multimodal(body[second])):
+            return None if multimodal or left is None or right is None else (left, right)
     for first, second in SCORE_PAIRS:
         for name in (first, second):
             if name not in body:
                 fields.add("missing", name, "Field required", body)
-            elif _side(body[name]) is None:
+            elif _side(body[name]) is None and not _multimodal(body[name]):
                 fields.add("string_type", name, "Input should be a valid string", body[name])
     return None
 
@@ -196,7 +213,8 @@ async def score(engine: Engine, request: web.Request) -> web.Response:
         sides = _score_sides(fields)
         fields.done()
         model = engine.pooling_model(body)
-        assert sides is not None
+        if sides is None:
+            raise checked(MULTIMODAL)
         scores, prompt_tokens = _scores(engine, *sides)
     except SimError as exc:
         return exc.response()
@@ -216,16 +234,18 @@ async def rerank(engine: Engine, request: web.Request) -> web.Response:
             fields.add("dict_type", "query.ScoreMultiModalParam",
                        "Input should be a valid dictionary", body["query"])
         documents = _side(body.get("documents"))
+        multimodal = _multimodal(body.get("documents"))
         if "documents" not in body:
             fields.add("missing", "documents", "Field required", body)
-        elif documents is None:
+        elif documents is None and not multimodal:
             fields.add("string_type", "documents", "Input should be a valid string",
                        body["documents"])
-        top_n = fields.integer("top_n", ge=0)
+        top_n = fields.integer("top_n", nullable=False, ge=0)
         fields.flag("return_documents")
         fields.done()
         model = engine.pooling_model(body)
-        assert query is not None and documents is not None
+        if multimodal or documents is None or query is None:
+            raise checked(MULTIMODAL)
         scores, prompt_tokens = _scores(engine, [query], documents)
     except SimError as exc:
         return exc.response()

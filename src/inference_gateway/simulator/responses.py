@@ -34,10 +34,16 @@ from inference_gateway.simulator.validation import (
     Fields,
     SimError,
     checked,
+    engine_failure,
     invalid,
     json_response,
 )
 
+# vLLM lets "background": null through, then fails to build the response object from it.
+NULL_BACKGROUND = (
+    "1 validation error for ResponsesResponse\nbackground\n  Input should be a valid boolean "
+    "[type=bool_type, input_value=None, input_type=NoneType]\n    For further information "
+    "visit https://errors.pydantic.dev/2.14/v/bool_type")
 NO_STORE = ("This vLLM engine does not support `store=True` and therefore does not support the "
             "background mode. To enable these features, set the environment variable "
             "`VLLM_ENABLE_RESPONSES_API_STORE=1` when launching the vLLM server.")
@@ -58,6 +64,7 @@ class Turn:
     stream: bool
     background: bool
     store: bool
+    refused: bool  # the engine fails once the request is accepted (see Sampling)
 
     def output_words(self) -> list[str]:
         return tokens.output_words(self.max_tokens)
@@ -71,6 +78,8 @@ def read_input(fields: Fields) -> list[Any] | None:
         return None
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
+    if isinstance(value, dict):  # vLLM takes a mapping for the list of its keys
+        value = list(value)
     if isinstance(value, list):
         bad = [i for i, m in enumerate(value) if not isinstance(m, dict) or "content" not in m]
         if not bad:
@@ -103,11 +112,12 @@ class Responses:
         if turn.background:
             return await self._background(request, turn)
         if turn.stream:
-            stream = await self.engine.open_stream(request)
-            async for event in self._generate(turn):
-                await stream.write(event)
-            await stream.write_eof()
+            stream = await self._follow(request, self._generate(turn), end=not turn.refused)
+            if turn.refused and request.transport is not None:
+                request.transport.close()  # vLLM's stream breaks off without its last chunk
             return stream
+        if turn.refused:
+            return engine_failure().response()
         await self.engine.pace_all(turn.max_tokens)
         final = self._final(turn)
         return json_response(final)
@@ -125,7 +135,7 @@ class Responses:
         store = fields.flag("store") is not False  # the Responses API stores by default
         stream = fields.flag("stream") is True
         sampling.temperature = fields.number("temperature")
-        fields.integer("top_logprobs")
+        fields.integer("top_logprobs", nullable=False)
         sampling.top_p = fields.number("top_p")
         sampling.top_k = fields.integer("top_k")
         sampling.min_p = fields.number("min_p")
@@ -133,7 +143,7 @@ class Responses:
         sampling.frequency_penalty = fields.number("frequency_penalty")
         sampling.repetition_penalty = fields.number("repetition_penalty")
         read_seed(fields)
-        fields.flag("ignore_eos")
+        fields.flag("ignore_eos", nullable=False)
         fields.done()
         if background and not store:
             raise checked("background can only be used when `store` is true", "background")
@@ -160,6 +170,8 @@ class Responses:
                            f"{limit}. Please reduce prompt.", "invalid_request_error", "input")
         budget = output_budget(sampling, len(prompt), limit, engine.config.default_max_tokens)
         verify(sampling, budget)
+        if "background" in body and body["background"] is None:
+            raise SimError(400, NULL_BACKGROUND, "BadRequestError")
         echo = {"instructions": instructions, "metadata": body.get("metadata"),
                 "temperature": 1.0 if sampling.temperature is None else sampling.temperature,
                 "top_p": 1.0 if sampling.top_p is None else sampling.top_p,
@@ -172,7 +184,7 @@ class Responses:
             incomplete=sampling.max_tokens is not None
             or budget < engine.config.default_max_tokens,
             cache=engine.cache_use(model, prompt), stream=stream, background=background,
-            store=store)
+            store=store, refused=sampling.engine_refuses)
 
     async def _generate(self, turn: Turn) -> AsyncIterator[bytes]:
         """The events of a streamed response; the last one is stored when the turn is."""
@@ -180,6 +192,8 @@ class Responses:
                                turn.output_words(), lambda item: self._final(turn, item))
         async for kind, event in events:
             yield typed_sse(kind, event)
+            if turn.refused and kind == "response.in_progress":
+                return  # vLLM's stream ends here when its engine fails
 
     def _final(self, turn: Turn, item_id: str | None = None) -> dict[str, Any]:
         """The finished response object; kept in the store when the turn asks for it."""
@@ -227,7 +241,8 @@ class Responses:
         if not turn.stream:
             async def run() -> None:
                 await self.engine.pace_all(turn.max_tokens)
-                self._final(turn)
+                if not turn.refused:  # a failed engine leaves the response queued, as in vLLM
+                    self._final(turn)
 
             stored.task = asyncio.create_task(run())
             return json_response(queued)
@@ -243,12 +258,13 @@ class Responses:
         stored.task = asyncio.create_task(run_stream())
         return await self._follow(request, log.follow())
 
-    async def _follow(self, request: web.Request,
-                      events: AsyncIterator[bytes]) -> web.StreamResponse:
+    async def _follow(self, request: web.Request, events: AsyncIterator[bytes],
+                      end: bool = True) -> web.StreamResponse:
         stream = await self.engine.open_stream(request)
         async for event in events:
             await stream.write(event)
-        await stream.write_eof()
+        if end:
+            await stream.write_eof()
         return stream
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:

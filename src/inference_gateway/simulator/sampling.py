@@ -19,6 +19,7 @@ from inference_gateway.simulator.validation import INT64_MAX, INT64_MIN, Fields,
 MAX_N = 16384  # vLLM's default VLLM_MAX_N_SEQUENCES
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 VOCAB_SIZE = 459  # as the tiny model the real-vLLM tests serve
+ENGINE_INT_MAX = 2**64 - 1  # the largest integer vLLM's engine messages carry
 
 
 @dataclass
@@ -38,15 +39,26 @@ class Sampling:
     min_tokens: int | None = None
     logprobs: int | None = None  # how many log-probabilities per token were asked for
 
-    def read_common(self, fields: Fields) -> None:
-        """The members every generation endpoint shares; read after the endpoint's own."""
+    @property
+    def engine_refuses(self) -> bool:
+        """Whether vLLM's engine fails on this request after accepting it: it cannot pass a
+        ``top_k`` beyond 64 bits to its engine process, and answers 500 (the server lives on)."""
+        return self.top_k is not None and self.top_k > ENGINE_INT_MAX
+
+    def read_common(self, fields: Fields, *, engine_members: bool = True) -> None:
+        """The members every generation endpoint shares; read after the endpoint's own.
+
+        A batch request does not declare ``ignore_eos`` and ``min_tokens`` (``engine_members``
+        false): they are checked later, with each conversation.
+        """
         self.temperature = fields.number("temperature")
         self.top_p = fields.number("top_p")
         self.top_k = fields.integer("top_k")
         self.min_p = fields.number("min_p")
         self.repetition_penalty = fields.number("repetition_penalty")
-        fields.flag("ignore_eos")
-        self.min_tokens = fields.integer("min_tokens")
+        if engine_members:
+            fields.flag("ignore_eos", nullable=False)
+            self.min_tokens = fields.integer("min_tokens", nullable=False)
 
 
 def read_seed(fields: Fields) -> None:
@@ -74,7 +86,7 @@ def check_prompt(prompt_tokens: int, max_model_len: int) -> None:
 
 def check_token_ids(ids: list[int]) -> None:
     for token in ids:
-        if token >= VOCAB_SIZE:
+        if not 0 <= token < VOCAB_SIZE:
             raise checked(f"Token id {token} is out of vocabulary")
 
 
@@ -160,6 +172,7 @@ class Generation:
     continuous: bool = False
     return_token_ids: bool = False
     cache: list[CacheUse] = field(default_factory=list)  # what each prompt found cached
+    refused: bool = False  # the engine fails once the request is accepted (see Sampling)
 
     @property
     def choices(self) -> int:
@@ -171,10 +184,9 @@ def plan(engine: Engine, body: dict[str, Any], sampling: Sampling,
          options: dict[str, Any] | None, return_token_ids: bool) -> Generation:
     """Run vLLM's checks after request validation, in its order, and plan the generation.
 
-    ``render`` turns the request into prompts (token ids) and raises what rendering raises.
+    ``render`` turns the request into prompts (token ids) and raises what rendering raises; the
+    checks vLLM runs on the raw body (``prechecks``) have run before request validation.
     """
-    if options is not None and not stream:
-        raise checked("Stream options can only be defined when `stream=True`.", "stream_options")
     model = engine.model(body)
     limit = engine.config.max_model_len
     check_max_tokens(sampling, limit)
@@ -193,4 +205,5 @@ def plan(engine: Engine, body: dict[str, Any], sampling: Sampling,
         continuous=include_usage and options.get("continuous_usage_stats") is True,
         return_token_ids=return_token_ids,
         cache=[engine.cache_use(model, p) for p in prompts],
+        refused=sampling.engine_refuses,
     )

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 UNSET: Any = object()
+MAX_STOP_STRINGS = 4  # vLLM's VLLM_MAX_STOP_STRINGS
 MAX_JSON_DEPTH = 969  # deeper bodies exhaust the recursion limit of vLLM's JSON parser
 MAX_INT_DIGITS = 4300  # Python's limit on converting a string of digits to an int
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -55,6 +56,16 @@ def dump(obj: Any) -> bytes:
 
 def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=dump(body), content_type="application/json")
+
+
+def engine_failure() -> SimError:
+    """vLLM's answer when its engine fails on an accepted request: a 500 with no message."""
+    return SimError(500, "", "InternalServerError")
+
+
+# How vLLM writes that failure into an OpenAI-shaped stream it has already started.
+STREAM_FAILURE = (b'data: {"error": {"message": "", "type": "InternalServerError", '
+                  b'"param": null, "code": 500}}\n\ndata: [DONE]\n\n')
 
 
 def checked(message: str, param: str | None = None, value: object = None) -> SimError:
@@ -156,7 +167,7 @@ def not_token_ids(value: list[Any]) -> dict[str, Any]:
     """The first problem vLLM reports for a list that is not token ids: at its first element
     that is not a non-negative integer."""
     for i, item in enumerate(value):
-        if isinstance(item, bool) or not isinstance(item, int):
+        if not isinstance(item, int):
             if isinstance(item, str):
                 return problem("int_parsing", f"{i}", "Input should be a valid integer, unable "
                                "to parse string as an integer", item)
@@ -190,18 +201,18 @@ class Fields:
         """A problem found inside member ``name`` (its ``loc`` relative to the member)."""
         self.problems.append({**found, "loc": f"body.{name}.{found['loc']}"})
 
-    def present(self, name: str, required: bool) -> bool:
+    def present(self, name: str, required: bool, nullable: bool = True) -> bool:
         """Whether ``name`` has a value to convert; a missing required member is a problem,
-        and so is a required member sent as null (it is then converted, and refused)."""
+        and so is a null where the model does not allow one (it is converted, and refused)."""
         if name not in self.body:
             if required:
                 self.add("missing", name, "Field required", self.body)
             return False
-        return required or self.body[name] is not None
+        return required or not nullable or self.body[name] is not None
 
-    def integer(self, name: str, *, required: bool = False, ge: int | None = None,
-            le: int | None = None) -> int | None:
-        if not self.present(name, required):
+    def integer(self, name: str, *, required: bool = False, nullable: bool = True,
+                ge: int | None = None, le: int | None = None) -> int | None:
+        if not self.present(name, required, nullable):
             return None
         value = self.body[name]
         number = self._to_int(name, value)
@@ -266,8 +277,8 @@ class Fields:
         self.add("float_type", name, "Input should be a valid number", value)
         return None
 
-    def flag(self, name: str) -> bool | None:
-        if not self.present(name, False):
+    def flag(self, name: str, *, nullable: bool = True) -> bool | None:
+        if not self.present(name, False, nullable):
             return None
         value = self.body[name]
         if isinstance(value, bool):
@@ -313,3 +324,24 @@ class Fields:
             return value
         self.add("dict_type", name, "Input should be a valid dictionary", value)
         return None
+
+    def stop(self, name: str, *, text_allowed: bool = True) -> None:
+        """Stop strings: a string (when ``text_allowed``) or at most four of them."""
+        value = self.body.get(name)
+        if value is None or (text_allowed and isinstance(value, str)):
+            return
+        if isinstance(value, list) and all(isinstance(v, str) for v in value) \
+                and len(value) <= MAX_STOP_STRINGS:
+            return
+        if text_allowed:
+            self.add("string_type", name, "Input should be a valid string", value)
+        if not isinstance(value, list):
+            self.add("list_type", name, "Input should be a valid list", value)
+        elif len(value) > MAX_STOP_STRINGS:
+            self.add("too_long", name, f"List should have at most {MAX_STOP_STRINGS} items "
+                     f"after validation, not {len(value)}", value,
+                     {"field_type": "List", "max_length": MAX_STOP_STRINGS,
+                      "actual_length": len(value)})
+        else:
+            bad = next(i for i, v in enumerate(value) if not isinstance(v, str))
+            self.add("string_type", f"{name}.{bad}", "Input should be a valid string", value[bad])
