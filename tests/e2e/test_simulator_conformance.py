@@ -9,6 +9,7 @@ may not. When this fails, the simulator is what needs fixing.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import time
@@ -185,6 +186,20 @@ CASES = [
     Case("token-id-negative", TEXT, text(prompt=[-1])),
     Case("empty-prompt-in-list", TEXT, text(prompt=["a", ""])),
     Case("prompt-not-text", TEXT, text(prompt=5)),
+    Case("top-k-past-64-bits", CHAT, chat(top_k=2**64)),  # vLLM's engine fails: a 500
+    Case("top-k-past-64-bits-stream", CHAT, chat(top_k=2**64, stream=True)),
+    Case("top-k-past-64-bits-text", TEXT, text(top_k=2**64)),
+    Case("top-k-past-64-bits-text-stream", TEXT, text(top_k=2**64, stream=True)),
+    Case("min-tokens-null", CHAT, chat(min_tokens=None)),
+    Case("message-not-an-object", CHAT, chat(messages=["a"])),
+    Case("message-content-a-number", CHAT, chat(messages=[{"content": 5}])),
+    Case("stop-too-many", CHAT, chat(stop=["a", "b", "c", "d", "e"])),
+    Case("stream-options-empty", CHAT, chat(stream_options={})),
+    Case("top-logprobs-not-a-number", CHAT, chat(top_logprobs="x", max_tokens="lots")),
+    Case("logprobs-negative-text", TEXT, text(logprobs=-5, max_tokens="lots")),
+    Case("prompt-list-too-long", TEXT, text(prompt=["a"] * 1025)),
+    Case("prompt-empty-list", TEXT, text(prompt=[])),
+    Case("prompt-token-true", TEXT, text(prompt=[True], max_tokens=1)),
     Case("nested-100-deep", CHAT, nested(100)),
     Case("nested-5000-deep", CHAT, nested(5000)),
     Case("body-nested-2000-deep", CHAT, b"[" * 2000 + b"]" * 2000),
@@ -213,6 +228,10 @@ CASES = [
     Case("responses-unknown-previous", RESPONSES, respond(previous_response_id="resp_nope")),
     Case("responses-background-not-stored", RESPONSES, respond(background=True, store=False)),
     Case("responses-malformed-json", RESPONSES, b'{"model": "x", "input": ['),
+    Case("responses-background-null", RESPONSES, respond(background=None)),
+    Case("responses-input-a-mapping", RESPONSES, respond(input={})),
+    Case("responses-top-k-past-64-bits", RESPONSES, respond(top_k=2**64)),
+    Case("responses-top-k-past-64-bits-stream", RESPONSES, respond(top_k=2**64, stream=True)),
     Case("responses-get-unknown", "/v1/responses/resp_nope"),
     Case("responses-cancel-unknown", "/v1/responses/resp_nope/cancel", {}),
     # The Anthropic Messages API.
@@ -238,6 +257,12 @@ CASES = [
          message(messages=[{"role": "user", "content": TOO_LONG}])),
     Case("messages-temperature-negative", MESSAGES, message(temperature=-1)),
     Case("messages-malformed-json", MESSAGES, b'{"model": "x", "messages": ['),
+    Case("messages-item-not-an-object", MESSAGES, message(messages=[1, "a"])),
+    Case("messages-bad-system-blocks", MESSAGES, message(system=[5])),
+    Case("messages-stop-sequences-too-many", MESSAGES,
+         message(stop_sequences=["a", "b", "c", "d", "e"])),
+    Case("messages-top-k-past-64-bits", MESSAGES, message(top_k=2**64)),
+    Case("messages-top-k-past-64-bits-stream", MESSAGES, message(top_k=2**64, stream=True)),
     Case("count-tokens", COUNT, {"model": SERVED_MODEL, "messages": HELLO}),
     Case("count-tokens-system", COUNT,
          {"model": SERVED_MODEL, "messages": HELLO, "system": "Be brief."}),
@@ -262,6 +287,9 @@ CASES = [
          batch(messages=[HELLO, [{"role": "user", "content": TOO_LONG}]])),
     Case("batch-stream-options-without-stream", BATCH,
          batch(stream_options={"include_usage": True})),
+    Case("batch-n-zero", BATCH, batch(n=0)),
+    Case("batch-stream-not-a-bool", BATCH, batch(stream=[], max_tokens=100_000)),
+    Case("batch-message-not-an-object", BATCH, batch(messages=[[1, "a"]])),
 ]
 
 EMBED, SCORE, RERANK = "/v1/embeddings", "/v1/score", "/v1/rerank"
@@ -300,6 +328,10 @@ POOLING_CASES = [
     Case("embeddings-token-out-of-vocabulary", EMBED, embed(input=[1_000_000])),
     Case("embeddings-too-long", EMBED, embed(input=TOO_LONG)),
     Case("embeddings-truncate-giant", EMBED, embed(truncate_prompt_tokens=100_000)),
+    Case("embeddings-truncate-zero", EMBED, embed(truncate_prompt_tokens=0)),
+    Case("embeddings-truncate-below-minus-one", EMBED, embed(truncate_prompt_tokens=-2)),
+    Case("embeddings-encoding-null", EMBED, embed(encoding_format=None)),
+    Case("embeddings-signed-token-lists", EMBED, embed(input=[[-1]])),
     Case("score", SCORE, score()),
     Case("score-one-to-one", SCORE, score(text_2="Paris.")),
     Case("score-pairs", SCORE, score(text_1=["a", "b"], text_2=["c", "d"])),
@@ -323,6 +355,9 @@ POOLING_CASES = [
     Case("rerank-no-documents", RERANK, rerank(documents=[])),
     Case("rerank-empty-query", RERANK, rerank(query="")),
     Case("rerank-query-a-number", RERANK, rerank(query=5)),
+    Case("rerank-top-n-null", RERANK, rerank(top_n=None)),
+    Case("rerank-multimodal-document", RERANK,
+         rerank(documents=[{"content": [{"type": "text", "text": "hi"}]}])),
 ]
 
 
@@ -331,6 +366,7 @@ class Answer:
     status: int
     content_type: str | None
     body: bytes
+    complete: bool = True  # False: the server broke the connection off mid-answer
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -351,7 +387,11 @@ def send(base_url: str, case: Case) -> Answer:
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            return Answer(response.status, response.headers.get("Content-Type"), response.read())
+            content_type = response.headers.get("Content-Type")
+            try:
+                return Answer(response.status, content_type, response.read())
+            except http.client.IncompleteRead as cut:
+                return Answer(response.status, content_type, cut.partial, complete=False)
     except urllib.error.HTTPError as err:
         return Answer(err.code, err.headers.get("Content-Type"), err.read())
 
@@ -449,6 +489,7 @@ def assert_same_typed_stream(real: bytes, simulated: bytes) -> None:
 def assert_same_answer(real: Answer, simulated: Answer, case: Case) -> None:
     assert simulated.status == real.status
     assert simulated.content_type == real.content_type
+    assert simulated.complete == real.complete, "the answer is broken off"
     if not real.body:
         assert simulated.body == real.body
         return
