@@ -47,8 +47,20 @@ def test_other_families_report_usage_unasked(endpoint: Endpoint) -> None:
     assert upstream_body(raw, endpoint, payload, "m") is raw
 
 
-def test_a_stream_flag_where_vllm_ignores_it() -> None:
-    assert not parse(b'{"model": "m", "stream": true}', BATCH).stream
+def test_a_stream_flag_where_vllm_would_undercount() -> None:
+    with pytest.raises(GatewayError) as err:
+        parse(b'{"model": "m", "stream": true}', BATCH)
+    assert (err.value.status, err.value.param) == (400, "stream")
+    assert not parse(b'{"model": "m", "stream": false}', BATCH).stream
+
+
+@pytest.mark.parametrize("top_k", [2**64, 2**70, -2, "99999999999"])
+def test_a_top_k_that_would_crash_the_engine(top_k: object) -> None:
+    with pytest.raises(GatewayError) as err:
+        parse(json.dumps({"model": "m", "top_k": top_k}).encode(), CHAT)
+    assert (err.value.status, err.value.param) == (400, "top_k")
+    parse(b'{"model": "m", "top_k": -1}', CHAT)
+    parse(b'{"model": "m", "top_k": 50}', CHAT)
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[]", b"{}", b'{"model": ""}', b'{"model": 1}',

@@ -18,6 +18,8 @@ from inference_gateway.proxy.errors import GatewayError
 
 # Members that ask for a number of tokens to generate, by endpoint family.
 _TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# vLLM accepts a top_k of any size and its engine then fails with a 500; no vocabulary is larger.
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,10 @@ def _as_int(value: object) -> int | None:
 
 
 def _check_caps(fields: dict[str, Any], caps: Caps) -> None:
+    top_k = _as_int(fields.get("top_k"))
+    if top_k is not None and not -1 <= top_k <= MAX_TOP_K:
+        raise GatewayError(400, f"top_k must be -1 (off) or from 0 to {MAX_TOP_K}, got {top_k}",
+                           param="top_k", code="invalid_value")
     n = _as_int(fields.get("n"))
     if caps.max_n is not None and n is not None and n > caps.max_n:
         raise GatewayError(400, f"n must be at most {caps.max_n}, got {n}", param="n",
@@ -110,9 +116,13 @@ def parse(raw: bytes, endpoint: Endpoint, caps: Caps = Caps()) -> Payload:
     if stream_value is not None and not isinstance(stream_value, bool):
         raise GatewayError(400, "stream must be true or false", param="stream",
                            code="invalid_type")
+    if stream_value is True and not endpoint.streams:
+        # vLLM would answer the chat batch with one body whose usage undercounts the choices.
+        raise GatewayError(400, f"{endpoint.path} does not stream; send it without `stream`",
+                           param="stream", code="unsupported_parameter")
     _check_caps(fields, caps)
     previous = _check_responses(fields) if endpoint.shape == "responses" else None
-    stream = endpoint.streams and stream_value is True
+    stream = stream_value is True
     options = fields.get("stream_options")
     client_usage = client_continuous = False
     if isinstance(options, dict):
