@@ -28,7 +28,7 @@ def test_original_variables_and_defaults(monkeypatch: pytest.MonkeyPatch) -> Non
         ("MODEL_SERVICE_PORT_MAP", "a=http://a:8000http://b:8000"),
         ("MODEL_SERVICE_PORT_MAP", "a=http://:8000"),
         ("MODEL_SERVICE_PORT_MAP", "a=http://h:70000"),
-        ("FORWARDED_ENDPOINTS", "/v1/load_lora_adapter"),
+        ("FORWARDED_ENDPOINTS", " , "),
         ("MAX_N", "0"),
         ("MODEL_REWRITES", "alias:missing-target"),
         ("WEBSERVER_PORT", "99999"),

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from inference_gateway.proxy.endpoints import EndpointTable, dialect_of
@@ -36,8 +41,21 @@ def test_operators_narrow_the_list() -> None:
 def test_forwarded_endpoints_setting() -> None:
     settings = load_settings(forwarded_endpoints=" /v1/completions, /v1/responses/{id} ")
     assert settings.forwarded_endpoints == ("/v1/completions", "/v1/responses/{id}")
+    assert EndpointTable(settings.forwarded_endpoints).paths == settings.forwarded_endpoints
+    wrong = load_settings(forwarded_endpoints="/v1/chat/completions,/v1/load_lora_adapter")
     with pytest.raises(ConfigError, match=r"FORWARDED_ENDPOINTS.*/v1/load_lora_adapter"):
-        load_settings(forwarded_endpoints="/v1/chat/completions,/v1/load_lora_adapter")
+        EndpointTable(wrong.forwarded_endpoints)
+
+
+def test_serve_stops_on_an_endpoint_it_cannot_meter(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "inference_gateway", "serve"],
+        env={**os.environ, "FORWARDED_ENDPOINTS": "/v1/load_lora_adapter",
+             "SPOOL_DIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "invalid FORWARDED_ENDPOINTS: /v1/load_lora_adapter" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_messages_speak_anthropic() -> None:
@@ -61,7 +79,7 @@ def test_plain_paths(raw: str, plain: bool) -> None:
 def test_framework_errors_are_put_in_the_dialect() -> None:
     import json
 
-    from inference_gateway.proxy.errors import from_framework
+    from inference_gateway.errors import from_framework
 
     openai_shaped = from_framework(404, b'{"detail":"Not Found"}', "openai")
     assert openai_shaped is not None and json.loads(openai_shaped) == {"error": {

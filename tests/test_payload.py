@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from inference_gateway.errors import GatewayError
 from inference_gateway.proxy.endpoints import ENDPOINTS, Endpoint
-from inference_gateway.proxy.errors import GatewayError
 from inference_gateway.proxy.payload import Caps, parse, upstream_body
 
 BY_PATH = {e.path: e for e in ENDPOINTS}

@@ -18,7 +18,7 @@ import openai
 import pytest
 from multidict import CIMultiDict
 
-from inference_gateway.proxy.errors import GatewayError
+from inference_gateway.errors import GatewayError
 from inference_gateway.settings import Settings
 from inference_gateway.tenants.caches import TenantCaches
 from inference_gateway.tenants.identity import AuthMode, identify

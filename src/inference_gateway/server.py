@@ -28,6 +28,7 @@ from inference_gateway.db import leader
 from inference_gateway.db.schedule import maintenance_job
 from inference_gateway.observability import malformed_requests
 from inference_gateway.proxy.app import create_app
+from inference_gateway.proxy.endpoints import check_forwarded
 from inference_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ async def _prepare_database(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> int:
-    open_sink(settings)  # incomplete billing sink settings stop the start, naming the variable
+    # Settings the request path and the jobs read stop the start here, naming the variable.
+    check_forwarded(settings.forwarded_endpoints)
+    open_sink(settings)
     if settings.migrate_on_start:
         try:
             asyncio.run(_prepare_database(settings))

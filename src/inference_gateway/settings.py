@@ -14,8 +14,6 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from inference_gateway.proxy.endpoints import KNOWN_PATHS
-
 
 class ConfigError(Exception):
     """A setting has a value the gateway cannot use; the message names the variable."""
@@ -79,8 +77,9 @@ class Settings(BaseSettings):
     upstream_connect_timeout_sec: float = Field(default=5.0, gt=0)
     upstream_timeout_sec: float = Field(default=600.0, gt=0)
     upstream_max_connections: int = Field(default=1000, ge=1)  # idle keep-alive, per server
-    # Which /v1 endpoints are forwarded (every one the gateway can meter, by default).
-    forwarded_endpoints: Annotated[tuple[str, ...], NoDecode] = KNOWN_PATHS
+    # Which /v1 endpoints are forwarded (None: every one the gateway can meter); the request
+    # path checks the names against what it can meter (see proxy.endpoints).
+    forwarded_endpoints: Annotated[tuple[str, ...] | None, NoDecode] = None
     max_n: int | None = Field(default=128, ge=1)  # the most choices one request may ask for
     max_tokens: int | None = Field(default=None, ge=1)  # the most tokens one may ask to generate
 
@@ -129,11 +128,6 @@ class Settings(BaseSettings):
     def _parse_endpoints(cls, value: object) -> object:
         if isinstance(value, str):
             paths = tuple(p.strip() for p in value.split(",") if p.strip())
-            unknown = [p for p in paths if p not in KNOWN_PATHS]
-            if unknown:
-                raise ValueError(
-                    f"{', '.join(unknown)}: not an endpoint the gateway can meter; "
-                    f"choose from {', '.join(KNOWN_PATHS)}")
             if not paths:
                 raise ValueError("name at least one endpoint")
             return paths

@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, settings)
+    except ConfigError as exc:  # a setting only the command's own work checks
+        print(f"inference-gateway: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

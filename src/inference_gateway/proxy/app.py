@@ -18,9 +18,9 @@ import orjson
 from aiohttp import web
 
 from inference_gateway.db.migrate import pending_migrations
+from inference_gateway.errors import error_response
 from inference_gateway.metering.meter import Meter
 from inference_gateway.proxy.endpoints import EndpointTable, dialect_of, is_normal, not_normal
-from inference_gateway.proxy.errors import error_response
 from inference_gateway.proxy.handler import CORS_HEADERS, ProxyHandler
 from inference_gateway.proxy.payload import Caps
 from inference_gateway.proxy.relay import Relay

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from inference_gateway.errors import Dialect, GatewayError
 from inference_gateway.metering.readers import Shape
-from inference_gateway.proxy.errors import Dialect, GatewayError
+from inference_gateway.settings import ConfigError
 
 RoutedBy = Literal["model", "response"]
 RESPONSE_ID = "{id}"  # stands for a stored response's id in a path
@@ -77,10 +78,19 @@ def not_normal() -> GatewayError:
                         "encoded dots", code="invalid_path")
 
 
+def check_forwarded(paths: tuple[str, ...] | None) -> None:
+    """``FORWARDED_ENDPOINTS`` may only name endpoints the gateway can meter."""
+    unknown = [p for p in paths or () if p not in KNOWN_PATHS]
+    if unknown:
+        raise ConfigError(f"invalid FORWARDED_ENDPOINTS: {', '.join(unknown)}: not an endpoint "
+                          f"the gateway can meter; choose from {', '.join(KNOWN_PATHS)}")
+
+
 class EndpointTable:
     """The forwarded endpoints, looked up by method and path on every request."""
 
     def __init__(self, paths: tuple[str, ...] | None = None) -> None:
+        check_forwarded(paths)
         chosen = [e for e in ENDPOINTS if paths is None or e.path in paths]
         self._exact = {(e.method, e.path): e for e in chosen if RESPONSE_ID not in e.path}
         self._by_id = {(e.method, e.path.replace(RESPONSE_ID, "", 1)): e

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from aiohttp import web
 
+from inference_gateway.errors import GatewayError
 from inference_gateway.metering.meter import Meter
 from inference_gateway.metering.readers import Usage
 from inference_gateway.metering.record import UsageRecord, new_request_id
@@ -26,7 +27,6 @@ from inference_gateway.proxy.endpoints import (
     is_normal,
     not_normal,
 )
-from inference_gateway.proxy.errors import GatewayError
 from inference_gateway.proxy.event_streams import EventStream
 from inference_gateway.proxy.payload import Caps, Payload, parse, upstream_body
 from inference_gateway.proxy.relay import CLIENT_CLOSED, Exchange, Outcome, Relay

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
+from inference_gateway.errors import GatewayError
 from inference_gateway.proxy.endpoints import Endpoint
-from inference_gateway.proxy.errors import GatewayError
 
 # Members that ask for a number of tokens to generate, by endpoint family.
 _TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from inference_gateway.errors import Dialect, error_body, from_framework
 from inference_gateway.metering.readers import Shape, Usage, read_id, read_usage
-from inference_gateway.proxy.errors import Dialect, error_body, from_framework
 from inference_gateway.proxy.event_streams import EventStream
 from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.upstream import Pool, Response, UpstreamError, UpstreamTimeout

@@ -4,8 +4,8 @@ not ask for. Pure functions over bytes; the relay feeds it chunks as they arrive
 
 from __future__ import annotations
 
+from inference_gateway.errors import error_body
 from inference_gateway.metering.readers import Usage, openai_usage, read_id, usage_span
-from inference_gateway.proxy.errors import error_body
 
 _DATA = b"data: "
 _EMPTY_CHOICES = b'"choices":[]'

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from inference_gateway.proxy.errors import GatewayError
+from inference_gateway.errors import GatewayError
 from inference_gateway.tenants.tenant import Tenant
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from inference_gateway.proxy.errors import GatewayError
+from inference_gateway.errors import GatewayError
 from inference_gateway.tenants.keys import KeyRing
 from inference_gateway.tenants.orgs import OrgGate
 from inference_gateway.tenants.tenant import MAX_TENANT_LENGTH, Tenant
