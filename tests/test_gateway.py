@@ -43,6 +43,21 @@ def rows_for(database_url: str, tenant: tuple[str, str], count: int) -> list[dic
     return [dict(r) for r in rows]
 
 
+def stored_only(gateway: Proc, database_url: str, tenant: tuple[str, str],
+                count: int = 0) -> list[dict[str, object]]:
+    """The tenant's rows, once the writer is known to have caught up: a marker request is
+    sent last, and a worker writes its records in order, so when the marker's row is stored
+    everything before it is too. Returns the rows before the marker, which must be ``count``."""
+    marker = client(gateway, tenant).chat.completions.with_raw_response.create(
+        model="facebook/opt-125m", messages=[{"role": "user", "content": "marker"}],
+        max_tokens=1)
+    marker_id = marker.headers["X-Request-Id"]
+    rows = rows_for(database_url, tenant, count + 1)
+    assert str(rows[-1]["request_id"]) == marker_id, "the marker is not the last row"
+    assert len(rows) == count + 1, f"{len(rows) - 1} rows stored before the marker, not {count}"
+    return rows[:-1]
+
+
 def assert_openai_error(body: bytes, status: int) -> dict[str, object]:
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -67,7 +82,10 @@ def test_readme_curl_flow_stores_a_row(gateway: Proc, database_url: str) -> None
     assert row["prompt_tokens"] == usage["prompt_tokens"]
     assert row["completion_tokens"] == usage["completion_tokens"]
     assert row["status"] == 200 and row["endpoint"] == "/v1/chat/completions"
-    assert row["duration_ms"] >= 0 and row["ttfb_ms"] is not None
+    assert 0 <= row["ttfb_ms"] <= row["duration_ms"]
+    # The duration is the time between start and completion, as the row's own times say.
+    elapsed_ms = (row["completed_at"] - row["started_at"]).total_seconds() * 1000
+    assert abs(elapsed_ms - row["duration_ms"]) <= 2
 
 
 def test_chat_non_streamed(gateway: Proc, database_url: str, tenant: tuple[str, str]) -> None:
@@ -116,7 +134,10 @@ def test_stream_without_usage_is_hidden_yet_metered(
     assert strip_ids == direct_ids
     assert through.endswith(b"data: [DONE]\n\n")
     [row] = rows_for(database_url, tenant, 1)
-    assert row["completion_tokens"] == 4 and row["prompt_tokens"] > 0
+    _, _, counted = post(f"{simulator.url}/tokenize", json.dumps(
+        {"model": "facebook/opt-125m", "messages": json.loads(body)["messages"]}).encode(),
+        headers)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (json.loads(counted)["count"], 4)
 
 
 def test_chat_streamed_with_sdk(gateway: Proc, database_url: str, tenant: tuple[str, str]) -> None:
@@ -163,7 +184,7 @@ def test_unknown_model_404(gateway: Proc, database_url: str, tenant: tuple[str, 
         client(gateway, tenant).chat.completions.create(
             model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert "no-such-model" in str(err.value)
-    assert rows_for(database_url, tenant, 0) == []
+    assert stored_only(gateway, database_url, tenant) == []  # refused before any upstream
 
 
 @pytest.mark.parametrize("missing", ["X-TEMBO-ORG", "X-TEMBO-INSTANCE"])
@@ -288,6 +309,9 @@ def test_upstream_down_502(
         )
         assert status == 502
         assert assert_openai_error(raw, 502)["code"] == "upstream_unreachable"
+        [row] = rows_for(database_url, tenant, 1)
+        assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (502, 0, 0)
+        assert row["ttfb_ms"] is None  # no byte ever came back
     finally:
         gateway.stop()
 
@@ -307,6 +331,9 @@ def test_upstream_timeout_504(
         )
         assert status == 504
         assert assert_openai_error(raw, 504)["code"] == "upstream_timeout"
+        [row] = rows_for(database_url, tenant, 1)
+        assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (504, 0, 0)
+        assert row["duration_ms"] >= 500  # it waited UPSTREAM_TIMEOUT_SEC
     finally:
         gateway.stop()
         slow.stop()
@@ -380,5 +407,8 @@ def test_refuses_with_503_rather_than_serve_unmetered(
         )
         assert status == 503
         assert assert_openai_error(raw, 503)["code"] == "metering_unavailable"
+        # Refused before it was forwarded: nothing was served, so nothing is owed.
+        assert [p.name for p in (session_tmp / f"spool-{gateway.port}").glob("*.log")
+                if p.stat().st_size] == []
     finally:
         gateway.stop()

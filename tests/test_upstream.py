@@ -79,22 +79,57 @@ async def test_chunked_stream_arrives_chunk_by_chunk(serve) -> None:  # type: ig
 
 
 async def test_stale_keep_alive_connection_is_retried_once(serve) -> None:  # type: ignore[no-untyped-def]
-    served = 0
+    """The server drops a kept-alive connection just as a request arrives on it, as uvicorn does
+    when its idle timeout and the request cross: the client still believed the connection was
+    alive, no byte came back, so the request is sent again on a new connection."""
+    requests: list[int] = []
+    connections = 0
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal served
-        await read_request(reader)
-        served += 1
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.close()  # the server closes the idle connection, as uvicorn does after 5 s
+        nonlocal connections
+        connections += 1
+        conn = connections
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            requests.append(conn)
+            if conn == 1 and len(requests) == 2:  # the second request on the first connection
+                writer.transport.abort()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     pool = Pool(await serve(handler), 1, 5)
     assert await (await pool.post("/", b"{}", [])).read() == b"ok"
-    await asyncio.sleep(0.2)
+    assert await (await pool.post("/", b"{}", [])).read() == b"ok"  # retried
+    assert requests == [1, 1, 2]  # the second request reached the server twice
+    pool.close()
+
+
+async def test_a_request_that_got_an_answer_is_never_retried(serve) -> None:  # type: ignore[no-untyped-def]
+    requests = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            requests += 1
+            if requests == 2:  # part of an answer, then the connection dies
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+                await writer.drain()
+                writer.transport.abort()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    pool = Pool(await serve(handler), 1, 5)
     assert await (await pool.post("/", b"{}", [])).read() == b"ok"
-    assert served == 2
+    with pytest.raises(UpstreamError):
+        await pool.post("/", b"{}", [])
+    assert requests == 2  # not sent again: it may have been generated already
     pool.close()
 
 

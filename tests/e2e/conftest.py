@@ -19,6 +19,7 @@ the pooling server.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,8 @@ import pytest
 from e2e_support import SERVED_MODEL, VllmServer
 
 from harness import ROOT, Proc, free_port, start, start_gateway
+
+VLLM_VERSION = "0.32.0"  # what scripts/vllm-setup.sh installs
 
 SETUP_SCRIPT = ROOT / "scripts" / "vllm-setup.sh"
 SERVE_SCRIPT = ROOT / "scripts" / "vllm-serve.sh"
@@ -126,7 +129,20 @@ def _external(url_var: str, log_var: str) -> VllmServer | None:
         return None
     if not log or not Path(log).is_file():
         raise RuntimeError(f"{url_var} needs {log_var}, the log file of that server")
-    return VllmServer(url.rstrip("/"), Path(log))
+    url = url.rstrip("/")
+    # The suite proves things about vLLM: make sure it is talking to vLLM (the simulator has
+    # the same /version, but no FastAPI schema).
+    try:
+        with urllib.request.urlopen(f"{url}/version", timeout=10) as resp:
+            version = json.loads(resp.read()).get("version")
+        with urllib.request.urlopen(f"{url}/openapi.json", timeout=10) as resp:
+            paths = json.loads(resp.read()).get("paths", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RuntimeError(f"{url_var}={url} is not a vLLM server: {exc}") from None
+    if version != VLLM_VERSION or "/tokenize" not in paths:
+        raise RuntimeError(f"{url_var}={url} is not vLLM {VLLM_VERSION} (/version says "
+                           f"{version!r}); the suite checks that version's behaviour")
+    return VllmServer(url, Path(log))
 
 
 def _launch(tmp: Path, args: list[str], env: dict[str, str], log: str) -> Proc:
