@@ -10,7 +10,8 @@ Targets, all on 127.0.0.1:
   nginx hop       nginx as a plain keep-alive reverse proxy in front of that backend
   gateway         inference-gateway serve in front of it, tenant headers, metering into the dev
                   Postgres (a scratch database, bench_proxy), 1 and 2 workers
-  LiteLLM         litellm[proxy], one worker, no database, one model on the same backend
+  LiteLLM         litellm[proxy], no database, one model on the same backend, with 1 and 2
+                  workers like the gateway, measured over the same windows
 Each is driven by wrk (two threads; one at c=1) with a warm-up before every measurement:
 req/s at c=32 and c=128, latency p50/p99 at c=1 and c=32, and streamed (SSE) req/s at c=32.
 
@@ -77,7 +78,6 @@ RESULTS = ROOT / "bench" / "results"
 SCRATCH_RESULTS = ROOT / ".dev" / "bench"  # smoke runs and raw profiles: not for the repository
 BACKEND_WORKERS = 2
 HOP_WORKERS = 2
-LITELLM_MIN_DURATION = 30.0  # its latency at c=128 is seconds: see measure_target
 QUIET_BUSY = 0.15  # wait for other work on the machine to use less than this share of the CPU
 
 
@@ -268,7 +268,7 @@ def gateway_target(run: Run, backend: Service, workers: int) -> dict[str, Any]:
     return out
 
 
-def litellm_target(run: Run, backend: Service) -> dict[str, Any]:
+def litellm_target(run: Run, backend: Service, workers: int) -> dict[str, Any]:
     log = run.tmp / "litellm-install.log"
     error = proxy_procs.ensure_litellm(log)
     if error is not None:
@@ -276,7 +276,7 @@ def litellm_target(run: Run, backend: Service) -> dict[str, Any]:
     version = proxy_procs.litellm_version()
     try:
         service = run.keep(proxy_procs.start_litellm(run.tmp, backend.url, MODEL,
-                                                     LITELLM_STREAM_MODEL))
+                                                     LITELLM_STREAM_MODEL, workers))
     except RuntimeError as exc:
         return {"error": f"LiteLLM {version} did not start: {exc}", "version": version}
     try:
@@ -287,8 +287,9 @@ def litellm_target(run: Run, backend: Service) -> dict[str, Any]:
         proxy_procs.wait_http(service, CHAT_PATH, timeout=60, method="POST",
                               body=JSON_BODY.read_bytes(),
                               headers={**auth, "Content-Type": "application/json"})
-        target = Target("litellm", f"LiteLLM {version}", service.url, auth, sse_body, CHAT_PATH)
-        out = measure_target(run, target, LITELLM_MIN_DURATION)
+        target = Target(f"litellm_{workers}w", f"LiteLLM {version}, {workers} worker(s)",
+                        service.url, auth, sse_body, CHAT_PATH)
+        out = measure_target(run, target)
         out["version"] = version
         return out
     finally:
@@ -538,8 +539,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         v = t.get(key, {}).get(m, {})
         return v.get("rps") if isinstance(v, dict) else None
 
-    gw, hop, direct, lite = (rps("gateway_2w", "json_c32"), rps("nginx_hop", "json_c32"),
-                             rps("direct", "json_c32"), rps("litellm", "json_c32"))
+    gw, hop, direct = (rps("gateway_2w", "json_c32"), rps("nginx_hop", "json_c32"),
+                       rps("direct", "json_c32"))
     ratio = gw / hop if gw and hop else None
     check("req/s gateway (2 workers) / nginx hop, c=32", _r(ratio, 3), ">= 0.15",
           None if ratio is None else ratio >= 0.15, "x")
@@ -547,9 +548,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratio128 = gw128 / hop128 if gw128 and hop128 else None
     check("req/s gateway (2 workers) / nginx hop, c=128", _r(ratio128, 3), ">= 0.15",
           None if ratio128 is None else ratio128 >= 0.15, "x")
-    lratio = gw / lite if gw and lite else None
-    check("req/s gateway (2 workers) / LiteLLM, c=32", _r(lratio, 1), ">= 50",
-          None if lratio is None else lratio >= 50, "x")
+    for workers in (1, 2):  # equal worker counts, equal windows
+        mine, lite = rps(f"gateway_{workers}w", "json_c32"), rps(f"litellm_{workers}w", "json_c32")
+        lratio = mine / lite if mine and lite else None
+        check(f"req/s gateway / LiteLLM, {workers} worker(s) each, c=32", _r(lratio, 1), ">= 50",
+              None if lratio is None else lratio >= 50, "x")
     _ = direct
     for key in ("gateway_2w", "gateway_1w"):
         c1 = t.get(key, {}).get("json_c1")
@@ -729,7 +732,10 @@ def main(argv: list[str]) -> int:
                 f"gateway, {workers} worker(s), metering on", run,
                 functools.partial(gateway_target, run, backend, workers))
         if opts.litellm:
-            targets["litellm"] = phase("LiteLLM proxy", run, lambda: litellm_target(run, backend))
+            for workers in (1, 2):
+                targets[f"litellm_{workers}w"] = phase(
+                    f"LiteLLM proxy, {workers} worker(s)", run,
+                    functools.partial(litellm_target, run, backend, workers))
         if opts.stream:
             results["streaming"] = phase("streaming through the simulator", run,
                                          lambda: streaming_phase(run))
@@ -764,7 +770,7 @@ def main(argv: list[str]) -> int:
 
 def _parts(results: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     for key, part in results.get("targets", {}).items():
-        if key != "litellm":  # LiteLLM is optional: its failure is reported, not fatal
+        if not key.startswith("litellm"):  # optional: its failure is reported, not fatal
             yield key, part
     for key in ("streaming", "memory", "profile"):
         if key in results:

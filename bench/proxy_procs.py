@@ -293,8 +293,9 @@ def litellm_version() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def start_litellm(tmp: Path, backend_url: str, model: str, stream_model: str) -> Service:
-    """LiteLLM's proxy, one worker, no database, one model on the backend (and its stream twin)."""
+def start_litellm(tmp: Path, backend_url: str, model: str, stream_model: str,
+                  workers: int = 1) -> Service:
+    """LiteLLM's proxy, no database, one model on the backend (and its stream twin)."""
     port = free_port()
     key = "sk-bench-" + secrets.token_hex(8)
     config = tmp / "litellm.yaml"
@@ -315,9 +316,10 @@ def start_litellm(tmp: Path, backend_url: str, model: str, stream_model: str) ->
     )
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": key}
     service = start("litellm", [str(LITELLM_VENV / "bin" / "litellm"), "--config", str(config),
-                                "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+                                "--host", "127.0.0.1", "--port", str(port),
+                                "--num_workers", str(workers)],
                     tmp / f"litellm-{port}.log", port, env,
                     drop_env=("DATABASE_URL", "STORE_MODEL_IN_DB"))
     wait_http(service, "/health/liveliness", timeout=240)
-    service.info = {"workers": 1, "key": key}
+    service.info = {"workers": workers, "key": key}
     return service
