@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
-from inference_gateway.simulator import prechecks, tokens, usage
-from inference_gateway.simulator.engine import YIELD_EVERY, Engine, new_id, sse
+from inference_gateway.simulator import prechecks, tokens
+from inference_gateway.simulator.answer import Form, chunk, prompt_ids, respond, token_ids
+from inference_gateway.simulator.engine import Engine
 from inference_gateway.simulator.sampling import Generation, Sampling, plan, read_seed
-from inference_gateway.simulator.validation import (
-    STREAM_FAILURE,
-    Fields,
-    SimError,
-    engine_failure,
-    json_response,
-    problem,
-)
+from inference_gateway.simulator.validation import Fields, SimError, problem
 
 EMPTY_CONVERSATION = ("Cannot apply chat template to an empty conversation. Provide at least "
                       "one message.")
@@ -34,10 +27,12 @@ class ChatRequest:
     return_token_ids: bool
 
 
-def read(body: dict[str, Any], fields: Fields, messages: list[Any] | None,
-         batch: bool = False) -> ChatRequest:
-    """The members after ``messages``, in the order vLLM's request model declares them (a
-    batch request declares fewer)."""
+def read(body: dict[str, Any], batch: bool = False) -> ChatRequest:
+    """The request as vLLM's request model reads it: the checks on the raw body, then the
+    members in the order the model declares them (a batch request declares fewer)."""
+    (prechecks.batch if batch else prechecks.chat)(body)
+    fields = Fields(body)
+    messages = _messages(fields, batch)
     sampling = Sampling()
     fields.string("model")
     sampling.frequency_penalty = fields.number("frequency_penalty")
@@ -60,6 +55,17 @@ def read(body: dict[str, Any], fields: Fields, messages: list[Any] | None,
     if completion_cap is not None:
         sampling.max_tokens, sampling.max_tokens_key = completion_cap, "max_completion_tokens"
     return ChatRequest(messages, sampling, stream, options, return_token_ids)
+
+
+def _messages(fields: Fields, batch: bool) -> list[Any] | None:
+    """One conversation, or a batch's list of them (an empty one when it is missing)."""
+    messages = fields.items("messages", required=True)
+    if not batch:
+        check_messages(fields, "messages", messages or [])
+        return messages
+    if messages is not None:
+        _check_conversations(messages, fields)
+    return messages or []
 
 
 MESSAGE_KINDS = ("ChatCompletionDeveloperMessageParam", "ChatCompletionSystemMessageParam",
@@ -102,61 +108,31 @@ def conversation(messages: list[Any] | None) -> list[int]:
 async def chat(engine: Engine, request: web.Request) -> web.StreamResponse:
     try:
         body = await engine.body(request)
-        prechecks.chat(body)
-        fields = Fields(body)
-        messages = fields.items("messages", required=True)
-        check_messages(fields, "messages", messages or [])
-        req = read(body, fields, messages)
+        req = read(body)
         gen = plan(engine, body, req.sampling, lambda: [conversation(req.messages)],
                    stream=req.stream, options=req.options,
                    return_token_ids=req.return_token_ids)
     except SimError as exc:
         return exc.response()
-    rid, created = new_id("chatcmpl-"), int(time.time())
-    if gen.stream:
-        return await _stream(engine, request, gen, rid, created)
-    if gen.refused:
-        return engine_failure().response()
-    await engine.pace_all(gen.max_tokens)
-    choices = [await _choice(gen, i, gen.max_tokens) for i in range(gen.n)]
-    details = engine.details(gen.cache[0])
-    return json_response(_completion(engine, gen, rid, created, choices,
-                                     usage.whole(gen.prompts[0], gen.max_tokens * gen.n,
-                                                 details, chat=True)))
+    return await respond(engine, request, gen, CHAT)
 
 
 async def batch(engine: Engine, request: web.Request) -> web.StreamResponse:
     """One completion per conversation; vLLM reads ``stream`` but still answers in one piece."""
     try:
         body = await engine.body(request)
-        prechecks.batch(body)
-        fields = Fields(body)
-        conversations = fields.items("messages", required=True)
-        if conversations is not None:
-            _check_conversations(conversations, fields)
-        turns = conversations or []
-        req = read(body, fields, turns, batch=True)
+        req = read(body, batch=True)
         stream = Fields({"stream": body.get("stream")}).flag("stream") is True
 
         engine.model(body)
         prechecks.conversation_members(body)  # as vLLM renders each conversation
         req.sampling.min_tokens = Fields(body).integer("min_tokens")
         gen = plan(engine, body, req.sampling,
-                   lambda: [tokens.chat_prompt_ids(c) for c in turns], stream=False, options=None,
-                   return_token_ids=req.return_token_ids)
+                   lambda: [tokens.chat_prompt_ids(c) for c in req.messages or []],
+                   stream=False, options=None, return_token_ids=req.return_token_ids)
     except SimError as exc:
         return exc.response()
-    if gen.refused:
-        return engine_failure().response()
-    await engine.pace_all(gen.max_tokens)
-    # With "stream": true vLLM keeps only each conversation's last step: one token of text,
-    # and usage counts only those tokens.
-    produced = 1 if stream else gen.max_tokens
-    choices = [await _choice(gen, i, produced, last_only=stream)
-               for i in range(len(gen.prompts))]
-    return json_response(_completion(
-        engine, gen, new_id("chatcmpl-"), int(time.time()), choices,
-        usage.whole(sum(gen.prompts), produced * len(gen.prompts), None, chat=True)))
+    return await respond(engine, request, gen, LAST_STEPS if stream else BATCH)
 
 
 def _check_conversations(conversations: list[Any], fields: Fields) -> None:
@@ -177,13 +153,7 @@ def _too_short(loc: str, value: list[Any]) -> dict[str, Any]:
                    value, {"field_type": "List", "min_length": 1, "actual_length": 0})
 
 
-async def _choice(gen: Generation, index: int, produced: int,
-                  last_only: bool = False) -> dict[str, Any]:
-    if index and index % YIELD_EVERY == 0:
-        await asyncio.sleep(0)  # a large n must not hold the event loop
-    words = tokens.output_words(produced, index)
-    if last_only:
-        words = tokens.output_words(gen.max_tokens, index)[-1:]
+def _choice(gen: Generation, index: int, words: list[str]) -> dict[str, Any]:
     return {
         "index": index,
         "message": {"role": "assistant", "content": " ".join(words), "refusal": None,
@@ -192,79 +162,36 @@ async def _choice(gen: Generation, index: int, produced: int,
         "logprobs": None,
         "finish_reason": "length",
         "stop_reason": None,
-        "token_ids": [tokens.word_id(w) for w in words] if gen.return_token_ids else None,
+        "token_ids": token_ids(gen, words),
         "routed_experts": None,
     }
 
 
-def _completion(engine: Engine, gen: Generation, rid: str, created: int,
-                choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": gen.model,
-        "choices": choices,
-        "service_tier": None,
-        "system_fingerprint": engine.fingerprint,
-        "usage": use,
-        "prompt_logprobs": None,
-        "prompt_token_ids": filler_ids(gen.prompts[0]) if gen.return_token_ids else None,
-        "prompt_text": None,
-        "kv_transfer_params": None,
-        "ec_transfer_params": None,
-        "metrics": None,
-    }
+def _delta(gen: Generation, index: int, step: int, word: str, last: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "delta": {"content": (" " if step else "") + word},
+                              "logprobs": None, "finish_reason": "length" if last else None}
+    if last:
+        choice["stop_reason"] = None
+    choice["token_ids"] = token_ids(gen, [word])
+    return choice
 
 
-def filler_ids(n: int, salt: int = 0) -> list[int]:
-    """Stand-in prompt token ids, ``n`` of them (already checked against the context)."""
-    return [4 + (salt * 31 + i * 7) % (tokens.VOCAB_SIZE - 4) for i in range(n)]
+def _roles(gen: Generation, base: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """vLLM opens each choice of a stream with the assistant's role and no text."""
+    for index in range(gen.n):
+        role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+        yield {**chunk(gen, base, role, index, 0, chat=True),
+               "prompt_token_ids": prompt_ids(gen, 0), "prompt_text": None}
 
 
-async def _stream(engine: Engine, request: web.Request, gen: Generation, rid: str,
-                  created: int) -> web.StreamResponse:
-    response = await engine.open_stream(request)
-    if gen.refused:
-        await response.write(STREAM_FAILURE)
-        await response.write_eof()
-        return response
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created,
-            "model": gen.model}
-    prompt = gen.prompts[0]
-    await engine.pace_first()
-    for i in range(gen.n):
-        role: dict[str, Any] = {**base, "choices": [
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None}]}
-        if gen.continuous:
-            role["usage"] = usage.running_chat(prompt, 0)
-        role["prompt_token_ids"] = filler_ids(prompt) if gen.return_token_ids else None
-        role["prompt_text"] = None
-        await response.write(sse(role))
-    for t in range(gen.max_tokens):
-        if t:
-            await engine.pace_token()
-        last = t == gen.max_tokens - 1
-        for i in range(gen.n):
-            word = tokens.output_words(1, i + t)[0]
-            choice: dict[str, Any] = {"index": i, "delta": {"content": (" " if t else "") + word},
-                                      "logprobs": None,
-                                      "finish_reason": "length" if last else None}
-            if last:
-                choice["stop_reason"] = None
-            choice["token_ids"] = [tokens.word_id(word)] if gen.return_token_ids else None
-            chunk: dict[str, Any] = {**base, "choices": [choice]}
-            if gen.continuous:
-                chunk["usage"] = usage.running_chat(prompt, t + 1)
-            if last and not gen.include_usage:
-                chunk["system_fingerprint"] = engine.fingerprint
-            await response.write(sse(chunk))
-    if gen.include_usage:
-        final = usage.final_chunk(prompt, gen.max_tokens * gen.n,
-                                  engine.details(gen.cache[0]), chat=True)
-        await response.write(sse({**base, "choices": [], "usage": final,
-                                  "system_fingerprint": engine.fingerprint}))
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+def _last_step(gen: Generation, index: int) -> list[str]:
+    """With "stream": true a batch keeps only each conversation's last step: one token of text,
+    and usage counts only those tokens."""
+    return tokens.output_words(gen.max_tokens, index)[-1:]
+
+
+CHAT = Form(chat=True, choice=_choice, delta=_delta, opening=_roles)
+# A batch is never streamed, and its usage never reports the prefix cache.
+BATCH = Form(chat=True, choice=_choice, delta=_delta, details=False)
+LAST_STEPS = replace(BATCH, words=_last_step)

@@ -25,7 +25,6 @@ from inference_gateway.simulator.validation import (
     SimError,
     checked,
     json_response,
-    not_token_ids,
 )
 
 ENCODINGS = ("float", "base64", "bytes", "bytes_only")
@@ -78,34 +77,12 @@ def _inputs(engine: Engine, value: Any, truncate: int | None) -> list[list[int]]
     return prompts
 
 
-def _token_id(value: object, signed: bool = False) -> bool:
-    """A token id as an embeddings input may hold one (``signed``: in a list of lists, where
-    vLLM checks the sign only against its vocabulary)."""
-    return isinstance(value, int) and (signed or value >= 0)
-
-
 def _read_input(fields: Fields) -> Any:
-    value = fields.body.get("input")
-    if "input" not in fields.body or value is None:
+    if fields.body.get("input") is None:
         for name in ("input", "messages", "messages", "messages", "input", "messages", "input"):
             fields.add("missing", name, "Field required", fields.body)
         return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and (
-            all(isinstance(v, str) for v in value) or all(_token_id(v) for v in value)
-            or all(isinstance(v, list) and all(_token_id(t, True) for t in v) for v in value)):
-        return value
-    if isinstance(value, list):
-        fields.add_under("input", not_token_ids(value))
-        fields.add("string_type", "input", "Input should be a valid string", value)
-        return None
-    for kind, msg in (("list_type", "Input should be a valid list"),
-                      ("list_type", "Input should be a valid list"),
-                      ("string_type", "Input should be a valid string"),
-                      ("list_type", "Input should be a valid list")):
-        fields.add(kind, "input", msg, value)
-    return None
+    return fields.prompt("input", signed_nested=True)
 
 
 async def embeddings(engine: Engine, request: web.Request) -> web.Response:

@@ -62,3 +62,8 @@ def chat_prompt_tokens(messages: list[Any]) -> int:
 def output_words(n: int, seed: int = 0) -> list[str]:
     """``n`` deterministic words; each is one token."""
     return [_WORDS[(seed + i) % len(_WORDS)] for i in range(n)]
+
+
+def filler_ids(n: int, salt: int = 0) -> list[int]:
+    """Stand-in prompt token ids, ``n`` of them (already checked against the context)."""
+    return [4 + (salt * 31 + i * 7) % (VOCAB_SIZE - 4) for i in range(n)]

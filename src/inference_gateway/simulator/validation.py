@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -25,6 +25,13 @@ _MAX_REPORTED = 10  # vLLM lists at most this many validation errors ...
 _MAX_INPUT_CHARS = 200  # ... shows this much of each offending value ...
 _MAX_ERROR_CHARS = 1000  # ... and of each error
 _INT_TEXT = re.compile(r"[+-]?\d+(?:_\d+)*(?:\.0*)?")
+# pydantic's error for a value not of a type it takes only as it is
+_NOT_EXACT: dict[type, tuple[str, str]] = {
+    str: ("string_type", "Input should be a valid string"),
+    list: ("list_type", "Input should be a valid list"),
+    dict: ("dict_type", "Input should be a valid dictionary"),
+}
+T = TypeVar("T")
 
 
 class SimError(Exception):
@@ -178,6 +185,10 @@ def not_token_ids(value: list[Any]) -> dict[str, Any]:
     return problem("int_type", "0", "Input should be a valid integer", value)
 
 
+def _token_id(value: object, signed: bool = False) -> bool:
+    return isinstance(value, int) and (signed or value >= 0)
+
+
 class Fields:
     """Reads members of a request body with pydantic's lax conversions, gathering problems.
 
@@ -299,30 +310,45 @@ class Fields:
         return None
 
     def string(self, name: str, *, required: bool = False) -> str | None:
-        if not self.present(name, required):
-            return None
-        value = self.body[name]
-        if isinstance(value, str):
-            return value
-        self.add("string_type", name, "Input should be a valid string", value)
-        return None
+        return self._exact(name, str, required)
 
     def items(self, name: str, *, required: bool = False) -> list[Any] | None:
+        return self._exact(name, list, required)
+
+    def mapping(self, name: str) -> dict[str, Any] | None:
+        return self._exact(name, dict, False)
+
+    def _exact(self, name: str, kind: type[T], required: bool) -> T | None:
+        """A member pydantic takes only as it is, without converting it."""
         if not self.present(name, required):
             return None
         value = self.body[name]
-        if isinstance(value, list):
+        if isinstance(value, kind):
             return value
-        self.add("list_type", name, "Input should be a valid list", value)
+        self._not_exact(kind, name, value)
         return None
 
-    def mapping(self, name: str) -> dict[str, Any] | None:
-        if not self.present(name, False):
-            return None
-        value = self.body[name]
-        if isinstance(value, dict):
+    def _not_exact(self, kind: type, name: str, value: object) -> None:
+        error, msg = _NOT_EXACT[kind]
+        self.add(error, name, msg, value)
+
+    def prompt(self, name: str, *, signed_nested: bool = False) -> Any:
+        """``str | list[str] | list[int] | list[list[int]]``, as vLLM types a prompt and an
+        embeddings input. Token ids may not be negative, but in a list of lists they may when
+        ``signed_nested`` (vLLM checks those only against its vocabulary)."""
+        value = self.body.get(name)
+        if isinstance(value, str):
             return value
-        self.add("dict_type", name, "Input should be a valid dictionary", value)
+        if not isinstance(value, list):
+            for kind in (list, list, str, list):  # each alternative, in the order pydantic tries
+                self._not_exact(kind, name, value)
+            return None
+        if all(isinstance(v, str) for v in value) or all(_token_id(v) for v in value) \
+                or all(isinstance(v, list) and all(_token_id(t, signed_nested) for t in v)
+                       for v in value):
+            return value
+        self.add_under(name, not_token_ids(value))
+        self._not_exact(str, name, value)
         return None
 
     def stop(self, name: str, *, text_allowed: bool = True) -> None:
@@ -334,9 +360,9 @@ class Fields:
                 and len(value) <= MAX_STOP_STRINGS:
             return
         if text_allowed:
-            self.add("string_type", name, "Input should be a valid string", value)
+            self._not_exact(str, name, value)
         if not isinstance(value, list):
-            self.add("list_type", name, "Input should be a valid list", value)
+            self._not_exact(list, name, value)
         elif len(value) > MAX_STOP_STRINGS:
             self.add("too_long", name, f"List should have at most {MAX_STOP_STRINGS} items "
                      f"after validation, not {len(value)}", value,
