@@ -233,6 +233,20 @@ def test_anthropic_sdk_with_a_key_and_anthropic_errors(
             time.sleep(0.1)
     stored = row(database_url, raw.headers["X-Request-Id"])
     assert (stored["organization_id"], stored["instance_id"]) == tenant
+
+    async def key_id() -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            found: int = await conn.fetchval(
+                "SELECT id FROM inference.api_keys WHERE prefix = $1", key[:12])
+        finally:
+            await conn.close()
+        return found
+
+    assert stored["api_key_id"] == asyncio.run(key_id())  # usage can be told apart by key
+    by_headers = ant(stack[0], tenant).messages.with_raw_response.create(
+        model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+    assert row(database_url, by_headers.headers["X-Request-Id"])["api_key_id"] is None
     with pytest.raises(anthropic.NotFoundError) as err:
         client.messages.create(model="nope", max_tokens=2,
                                messages=[{"role": "user", "content": "Hi"}])

@@ -37,6 +37,7 @@ class UsageRecord:
     cached_tokens: int = 0  # of prompt_tokens, those read from vLLM's prefix cache
     upstream_id: str | None = None  # the model server's id of its answer (resp_..., chatcmpl-...)
     replica: str | None = None  # the model server that answered (its base URL)
+    api_key_id: int | None = None  # the key that named the tenant (inference.api_keys.id)
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)  # orjson serialises dataclasses natively, and fast

@@ -217,6 +217,7 @@ class ProxyHandler:
             cached_tokens=usage.cached_tokens,
             upstream_id=outcome.upstream_id,
             replica=context.upstream,
+            api_key_id=context.tenant.key_id,
         )
 
     async def _estimate(self, record: UsageRecord, reader: EventStream,

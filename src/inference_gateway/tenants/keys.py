@@ -69,7 +69,7 @@ class KeyRing:
         )
         self._by_hash = {
             bytes(row["key_hash"]): KeyEntry(
-                row["id"], Tenant(row["organization_id"], row["instance_id"])
+                row["id"], Tenant(row["organization_id"], row["instance_id"], row["id"])
             )
             for row in rows
         }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_TENANT_LENGTH = 256
 
@@ -11,6 +11,8 @@ MAX_TENANT_LENGTH = 256
 class Tenant:
     organization_id: str
     instance_id: str
+    # The API key that named the tenant, when one did; not part of who the tenant is.
+    key_id: int | None = field(default=None, compare=False)
 
 
 def is_valid_id(value: str) -> bool:
