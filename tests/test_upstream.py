@@ -173,3 +173,71 @@ async def test_close_delimited_body(serve) -> None:  # type: ignore[no-untyped-d
     pool = Pool(await serve(handler), 1, 5)
     assert await (await pool.post("/", b"{}", [])).read() == b"all of it"
     pool.close()
+
+
+async def test_a_body_that_ends_with_the_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\n\r\n{\"a\":")
+        await writer.drain()
+        writer.write(b"1}")
+        writer.close()
+
+    pool = Pool(await serve(handler), 1, 5)
+    for _ in range(2):
+        assert await (await pool.post("/", b"{}", [])).read() == b'{"a":1}'
+    assert connections == 2  # such a connection is never reused
+    pool.close()
+
+
+async def test_reading_stops_while_the_relay_does_not_take_the_body(serve) -> None:  # type: ignore[no-untyped-def]
+    size = 8 * 1024 * 1024
+    unsent: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        writer.write(b"x" * size)
+        await asyncio.sleep(0.5)  # the client holds the answer meanwhile
+        unsent.append(writer.transport.get_write_buffer_size())
+        await writer.drain()
+
+    pool = Pool(await serve(handler), 1, 5)
+    answer = await pool.post("/", b"{}", [])
+    chunks = answer.iter_chunks()
+    first = await chunks.__anext__()
+    # The client read a little, then stopped: most of the body is still with the server.
+    await _until(lambda: bool(unsent))
+    assert unsent[0] > size // 2, unsent
+    assert len(first) + sum([len(c) async for c in chunks]) == size
+    pool.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTX/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+async def test_a_malformed_answer_is_an_upstream_error(serve, answer: bytes) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    pool = Pool(await serve(handler), 1, 5)
+    with pytest.raises(UpstreamError):
+        await (await pool.post("/", b"{}", [])).read()
+    pool.close()
+
+
+async def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+        await asyncio.sleep(0.01)

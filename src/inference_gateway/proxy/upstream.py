@@ -1,9 +1,10 @@
 """A small HTTP/1.1 client for the one thing the gateway does upstream: send JSON, relay bytes.
 
-A general client (aiohttp's) spends most of the gateway's CPU per request on features the
-gateway does not use: cookies, redirects, proxies, compression, multipart. This one keeps a pool
-of keep-alive connections per model server and parses just status, headers and a
-``Content-Length``, chunked or close-delimited body.
+A general client spends most of the gateway's CPU per request on features the gateway does not
+use (cookies, redirects, proxies, compression, multipart). This one is an ``asyncio.Protocol``
+per connection with llhttp (``httptools``, the parser Node uses) reading the answers, and a
+pool of keep-alive connections per model server. The body of an answer is handed over as it
+arrives; the connection stops reading while too much of it waits for the relay to take it.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import urlsplit
 
+import httptools
+
 MAX_HEAD_BYTES = 64 * 1024
-READ_SIZE = 64 * 1024
+PAUSE_ABOVE = 256 * 1024  # bytes of body waiting for the relay before reading stops
+RESUME_BELOW = 64 * 1024
 # uvicorn, which serves vLLM, closes a connection idle for 5 s; reuse only younger ones.
 MAX_IDLE_SEC = 4.0
 
@@ -30,57 +35,23 @@ class UpstreamTimeout(UpstreamError):
     """The model server did not answer (or send the next byte) in time."""
 
 
+class _StaleConnection(Exception):
+    """A reused keep-alive connection was closed by the server before it answered."""
+
+
 @dataclass(slots=True, eq=False)
-class _Connection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    idle_since: float = 0.0
-    reused: bool = False
-    deadline: float = 0.0  # when the read in progress times out; 0: no read in progress
-    timed_out: bool = False
-
-    async def wait(self, awaitable: Awaitable[bytes], within: float) -> bytes:
-        """Await a read under a deadline that the pool's watchdog enforces.
-
-        One watchdog per pool instead of a timer per read: a timer costs more than the rest of
-        a small request's parsing.
-        """
-        self.deadline = time.monotonic() + within
-        try:
-            return await awaitable
-        except (asyncio.IncompleteReadError, ConnectionError):
-            if self.timed_out:
-                raise UpstreamTimeout("the model server did not answer in time") from None
-            raise
-        finally:
-            self.deadline = 0.0
-
-    def usable(self) -> bool:
-        return (
-            not self.reader.at_eof()
-            and not self.writer.is_closing()
-            and time.monotonic() - self.idle_since < MAX_IDLE_SEC
-        )
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-@dataclass(slots=True)
 class Response:
-    """A response whose body is still on the wire: read it all, or iterate over its chunks."""
+    """An answer whose body may still be on the wire: read it all, or iterate over its chunks."""
 
     status: int
     reason: str
     headers: list[tuple[str, str]]
+    content_type: str
     _conn: _Connection | None
-    _pool: Pool
-    _length: int | None  # Content-Length; None: chunked or until close
-    _chunked: bool
-    _keep_alive: bool
-    _read_timeout: float
-    _done: bool = False
-    content_type: str = field(default="")
+    _chunks: deque[bytes] = field(default_factory=deque)
+    _buffered: int = 0
+    _complete: bool = False
+    _error: UpstreamError | None = None
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -94,40 +65,25 @@ class Response:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; the connection goes back to the pool after the last."""
-        assert self._conn is not None, "the body was already read"
-        reader = self._conn.reader
-        try:
-            if self._chunked:
-                while True:
-                    line = await self._timed(reader.readuntil(b"\r\n"))
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                    if size == 0:
-                        while (await self._timed(reader.readuntil(b"\r\n"))) != b"\r\n":
-                            pass  # trailers
-                        break
-                    data = await self._timed(reader.readexactly(size + 2))
-                    yield data[:-2]
-            elif self._length is not None:
-                remaining = self._length
-                while remaining:
-                    data = await self._timed(reader.read(min(remaining, READ_SIZE)))
-                    if not data:
-                        raise UpstreamError("the model server closed the connection mid-answer")
-                    remaining -= len(data)
-                    yield data
-            else:
-                self._keep_alive = False
-                while data := await self._timed(reader.read(READ_SIZE)):
-                    yield data
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
-                ConnectionError) as exc:
-            raise UpstreamError(f"the model server broke off its answer: {exc!r}") from None
-        self._done = True
+        conn = self._conn
+        assert conn is not None, "the body was already read"
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft() if len(self._chunks) == 1 \
+                    else b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                conn.resume()
+                yield chunk
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                break
+            if conn.closed:
+                raise UpstreamError("the model server closed the connection mid-answer")
+            await conn.wait_for_body()
         self.release()
-
-    async def _timed(self, awaitable: Awaitable[bytes]) -> bytes:
-        assert self._conn is not None
-        return await self._conn.wait(awaitable, self._read_timeout)
 
     def release(self) -> None:
         """Give the connection back if the body was read whole, else close it.
@@ -135,13 +91,155 @@ class Response:
         Closing is what tells vLLM that the client went away, so it aborts the generation.
         """
         conn, self._conn = self._conn, None
-        if conn is None:
+        if conn is not None:
+            conn.pool.finished(conn, self._complete and not self._chunks)
+
+    # -- fed by the connection ------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: writes requests, parses answers with llhttp."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self.deadline = 0.0  # when the wait in progress times out; 0: none
+        self.timed_out = False
+        self.got_bytes = False  # any byte of the answer in progress
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._head: asyncio.Future[Response] | None = None
+        self._response: Response | None = None
+        self._reason = b""
+        self._headers: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self._delimited = False  # the body's end is known from its framing, not the close
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"bad response from the model server: {exc}"))
+            self.abort()
             return
-        self._pool.active.discard(conn)
-        if self._done and self._keep_alive:
-            self._pool.put(conn)
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response = self._response
+        if self.timed_out:
+            self._fail(UpstreamTimeout("the model server did not answer in time"))
+        elif response is not None and not response._complete and not self._delimited:
+            response._complete = True  # a body that ends with the connection
+        elif not self.got_bytes and self.reused:
+            self._fail(_StaleConnection(repr(exc)))  # no byte came back: safe to send again
         else:
-            conn.close()
+            self._fail(UpstreamError(f"the model server closed the connection: {exc!r}"))
+        self._wake()
+
+    # -- llhttp callbacks -----------------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("the response head is too large")
+        key = name.decode("latin-1")
+        lower = key.lower()
+        if lower == "content-length" or (lower == "transfer-encoding"
+                                         and b"chunked" in value.lower()):
+            self._delimited = True
+        self._headers.append((key, value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status in (204, 304) or 100 <= status < 200:
+            self._delimited = True
+        content_type = ""
+        for key, value in self._headers:
+            if key.lower() == "content-type":
+                content_type = value.split(";", 1)[0].strip().lower()
+        self._response = Response(status, self._reason.decode("latin-1").strip(),
+                                  self._headers, content_type, self)
+        if self._head is not None and not self._head.done():
+            self._head.set_result(self._response)
+
+    def on_body(self, body: bytes) -> None:
+        assert self._response is not None
+        self._response._feed(body)
+        if self._response._buffered > PAUSE_ABOVE and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        assert self._response is not None
+        self._response._complete = True
+        if not self.parser.should_keep_alive():
+            self.pool.no_reuse(self)
+
+    # -- for the pool and the response ----------------------------------------------------------
+
+    def send(self, head: bytes, body: bytes) -> asyncio.Future[Response]:
+        """Write a request; the future resolves with the answer's head."""
+        assert self.transport is not None
+        self._reason, self._headers, self._head_bytes = b"", [], 0
+        self._delimited, self._response, self.got_bytes = False, None, False
+        self._head = asyncio.get_running_loop().create_future()
+        self.transport.write(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            self.transport.write(body)
+        return self._head
+
+    async def wait_for_body(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.deadline = time.monotonic() + self.pool.read_timeout
+        try:
+            await self._waiter
+        finally:
+            self.deadline = 0.0
+            self._waiter = None
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def usable(self) -> bool:
+        return not self.closed and time.monotonic() - self.idle_since < MAX_IDLE_SEC
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, error: Exception) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(error)
+            head.exception()  # retrieved: a failed head may never be awaited
+        elif self._response is not None and not self._response._complete \
+                and isinstance(error, UpstreamError):
+            self._response._error = error
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class Pool:
@@ -158,38 +256,12 @@ class Pool:
         self.prefix = parts.path.rstrip("/")
         self._host_header = f"{self.host}:{self.port}".encode()
         self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
+        self.read_timeout = read_timeout
         self._idle: deque[_Connection] = deque()
         self._max_idle = max_idle
         self.active: set[_Connection] = set()  # connections with a request in progress
+        self._no_reuse: set[_Connection] = set()
         self._watchdog: asyncio.Task[None] | None = None
-
-    def put(self, conn: _Connection) -> None:
-        if len(self._idle) >= self._max_idle:
-            conn.close()
-            return
-        conn.idle_since = time.monotonic()
-        conn.reused = True
-        self._idle.append(conn)
-
-    async def _connect(self) -> _Connection:
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    self.host, self.port, limit=MAX_HEAD_BYTES, ssl=self._ssl)
-        except TimeoutError:
-            raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out") from None
-        except OSError as exc:
-            raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
-        return _Connection(reader, writer)
-
-    def _take(self) -> _Connection | None:
-        while self._idle:
-            conn = self._idle.pop()  # the most recently used is the least likely to be stale
-            if conn.usable():
-                return conn
-            conn.close()
-        return None
 
     async def post(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> Response:
         return await self.request("POST", path, body, headers)
@@ -202,110 +274,98 @@ class Pool:
         """
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        head = self._head(method, path, len(body), headers)
         conn = self._take()
         if conn is not None:
             try:
-                return await self._exchange(conn, method, path, body, headers)
+                return await self._exchange(conn, head, body)
             except _StaleConnection:
                 pass
         conn = await self._connect()
         try:
-            return await self._exchange(conn, method, path, body, headers)
+            return await self._exchange(conn, head, body)
         except _StaleConnection as exc:
-            raise UpstreamError(str(exc)) from None
+            raise UpstreamError(f"the model server closed the connection: {exc}") from None
 
-    async def _exchange(self, conn: _Connection, method: str, path: str, body: bytes,
-                        headers: list[tuple[str, str]]) -> Response:
-        head = [method.encode(), b" ", (self.prefix + path).encode(), b" HTTP/1.1\r\nHost: ",
-                self._host_header, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
-        for name, value in headers:
-            head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
-        head.append(b"\r\n")
-        self.active.add(conn)
-        try:
-            conn.writer.write(b"".join(head) + body)
-            head_bytes = await conn.wait(conn.reader.readuntil(b"\r\n\r\n"), self._read_timeout)
-        except UpstreamTimeout:
-            self._drop(conn)
-            raise
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            self._drop(conn)
-            partial = exc.partial if isinstance(exc, asyncio.IncompleteReadError) else b""
-            if conn.reused and not partial:
-                raise _StaleConnection(repr(exc)) from None
-            raise UpstreamError(f"the model server closed the connection: {exc!r}") from None
-        except asyncio.LimitOverrunError:
-            self._drop(conn)
-            raise UpstreamError("the model server's response head is too large") from None
-        except BaseException:
-            self._drop(conn)
-            raise
-        try:
-            return self._response(conn, head_bytes)
-        except (ValueError, UnicodeError, UpstreamError) as exc:
-            self._drop(conn)
-            raise UpstreamError(f"bad response head from the model server: {exc}") from None
-
-    def _drop(self, conn: _Connection) -> None:
+    def finished(self, conn: _Connection, whole: bool) -> None:
+        """The answer on ``conn`` is over: keep the connection if it can serve another."""
         self.active.discard(conn)
-        conn.close()
+        if not whole or conn.closed or conn in self._no_reuse or \
+                len(self._idle) >= self._max_idle:
+            self._no_reuse.discard(conn)
+            conn.abort()
+            return
+        conn.idle_since = time.monotonic()
+        conn.reused = True
+        self._idle.append(conn)
 
-    def _response(self, conn: _Connection, head: bytes) -> Response:
-        status_line, _, raw = head.partition(b"\r\n")
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise UpstreamError(f"not an HTTP/1.x response: {status_line[:80]!r}")
-        status = int(parts[1])
-        reason = parts[2].strip().decode("latin-1") if len(parts) > 2 else ""
-        headers: list[tuple[str, str]] = []
-        length: int | None = None
-        chunked = False
-        keep_alive = parts[0] == b"HTTP/1.1"
-        content_type = ""
-        for line in raw.split(b"\r\n"):
-            if not line:
-                continue
-            name, _, value = line.partition(b":")
-            key = name.strip().decode("latin-1")
-            text = value.strip().decode("latin-1")
-            lower = key.lower()
-            if lower == "content-length":
-                length = int(text)
-            elif lower == "transfer-encoding":
-                chunked = "chunked" in text.lower()
-            elif lower == "connection":
-                keep_alive = "close" not in text.lower()
-            elif lower == "content-type":
-                content_type = text.split(";", 1)[0].strip().lower()
-            headers.append((key, text))
-        if chunked:
-            length = None
-        elif status in (204, 304) or 100 <= status < 200:
-            length = 0
-        return Response(status, reason, headers, conn, self, length, chunked, keep_alive,
-                        self._read_timeout, content_type=content_type)
-
-    async def _watch(self) -> None:
-        """Abort connections whose read has waited past its deadline."""
-        interval = min(1.0, self._read_timeout / 4)
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for conn in list(self.active):
-                if conn.deadline and now > conn.deadline:
-                    conn.timed_out = True
-                    conn.writer.transport.abort()
+    def no_reuse(self, conn: _Connection) -> None:
+        self._no_reuse.add(conn)
 
     def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
         while self._idle:
-            self._idle.pop().close()
+            self._idle.pop().abort()
         for conn in self.active:
-            conn.close()
+            conn.abort()
         self.active.clear()
 
+    # -- inside ---------------------------------------------------------------------------------
 
-class _StaleConnection(Exception):
-    """A reused keep-alive connection was closed by the server before it answered."""
+    def _head(self, method: str, path: str, length: int,
+              headers: list[tuple[str, str]]) -> bytes:
+        head = [method.encode(), b" ", (self.prefix + path).encode(), b" HTTP/1.1\r\nHost: ",
+                self._host_header, b"\r\nContent-Length: ", str(length).encode(), b"\r\n"]
+        for name, value in headers:
+            head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
+        head.append(b"\r\n")
+        return b"".join(head)
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl)
+        except TimeoutError:
+            raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out") from None
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+        return conn
+
+    def _take(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()  # the most recently used is the least likely to be stale
+            if conn.usable():
+                return conn
+            conn.abort()
+        return None
+
+    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> Response:
+        self.active.add(conn)
+        conn.deadline = time.monotonic() + self.read_timeout
+        try:
+            return await conn.send(head, body)
+        except BaseException:
+            self.active.discard(conn)
+            conn.abort()
+            raise
+        finally:
+            conn.deadline = 0.0
+
+    async def _watch(self) -> None:
+        """Abort connections whose wait has gone past its deadline.
+
+        One watchdog per pool instead of a timer per read: a timer costs more than the rest of
+        a small request's parsing.
+        """
+        interval = min(1.0, self.read_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self.active):
+                if conn.deadline and now > conn.deadline:
+                    conn.timed_out = True
+                    conn.abort()
