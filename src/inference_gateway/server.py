@@ -27,6 +27,7 @@ from inference_gateway.billing.sinks import open_sink
 from inference_gateway.db import leader
 from inference_gateway.db.schedule import maintenance_job
 from inference_gateway.observability import malformed_requests
+from inference_gateway.portal.rollups import rollup_job
 from inference_gateway.proxy.app import create_app
 from inference_gateway.proxy.endpoints import check_forwarded
 from inference_gateway.settings import Settings
@@ -57,6 +58,8 @@ def background_jobs(settings: Settings) -> list[Coroutine[Any, Any, None]]:
         jobs.append(leader.run(settings.database_url,
                                maintenance_job(settings.database_url,
                                                settings.maintenance_schedule)))
+    if settings.run_usage_rollups:
+        jobs.append(leader.run(settings.database_url, rollup_job(settings)))
     return jobs
 
 

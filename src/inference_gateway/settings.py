@@ -7,11 +7,12 @@ working. No other module reads the environment: the settings object is passed do
 from __future__ import annotations
 
 import os
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -51,6 +52,32 @@ def check_url(name: str, url: str) -> str:
     if port == 0 or parts.query or parts.fragment:
         raise ValueError(f"the URL of {name!r} must be http(s)://host[:port][/path]: {url!r}")
     return url.rstrip("/")
+
+
+class ModelPrice(NamedTuple):
+    """What a model's tokens cost, in ``PRICE_CURRENCY`` per million tokens."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal  # the part of the prompt read from the prefix cache
+
+
+def parse_prices(value: object) -> object:
+    """``MODEL_PRICES``: ``model=input:output[:cached_input],...``; cached defaults to input."""
+    if not isinstance(value, str):
+        return value
+    prices: dict[str, ModelPrice] = {}
+    for model, spec in parse_pairs(value, "=", "model=input:output[:cached_input]").items():
+        try:
+            numbers = [Decimal(part) for part in spec.split(":")]
+        except InvalidOperation:
+            raise ValueError(f"the prices of {model!r} are not numbers: {spec!r}") from None
+        if not 2 <= len(numbers) <= 3 or not all(n.is_finite() and n >= 0 for n in numbers):
+            raise ValueError(f"expected input:output[:cached_input] prices of {model!r}, each a "
+                             f"number of at least 0, got {spec!r}")
+        prices[model] = ModelPrice(numbers[0], numbers[1], numbers[-1] if len(numbers) == 3
+                                   else numbers[0])
+    return prices
 
 
 class Settings(BaseSettings):
@@ -112,6 +139,15 @@ class Settings(BaseSettings):
     billing_webhook_retries: int = Field(default=4, ge=0)
 
     log_level: str = "INFO"
+
+    # The usage API, its rollups and the dashboard (see docs/usage-api.md).
+    admin_token: str | None = Field(default=None, min_length=32)  # reads every org's usage
+    run_usage_rollups: bool = True
+    usage_rollup_interval_sec: float = Field(default=5.0, gt=0)
+    usage_fresh_tail_sec: float = Field(default=60.0, ge=0)  # the newest rows, read unrolled
+    model_prices: Annotated[dict[str, ModelPrice], NoDecode, BeforeValidator(parse_prices)] = \
+        Field(default_factory=dict)
+    price_currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
 
     @field_validator("model_service_port_map", mode="before")
     @classmethod

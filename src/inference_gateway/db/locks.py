@@ -5,7 +5,8 @@ lives):
 
 * ``MIGRATIONS``: migrations run one process at a time (waits);
 * ``MAINTENANCE_SCHEDULER``: the process that runs partition maintenance where pg_cron does not;
-* ``BILLING_REPORTER``: the process that reports usage for billing.
+* ``BILLING_REPORTER``: the process that reports usage for billing;
+* ``USAGE_ROLLUPS``: the process that keeps the usage rollups up to date.
 
 Transaction-level locks taken inside SQL (``0002_maintenance.sql``), with try-lock only:
 ``hashtext('inference_gateway partition maintenance')`` (one of our maintenance runs at a
@@ -18,3 +19,4 @@ from __future__ import annotations
 MIGRATIONS = 0x1A7E6A7E
 MAINTENANCE_SCHEDULER = 0x1A7E6A80
 BILLING_REPORTER = 0x1A7E6A90
+USAGE_ROLLUPS = 0x1A7E6AA0
