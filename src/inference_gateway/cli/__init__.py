@@ -36,8 +36,10 @@ def _tenant_commands(sub: Subparsers) -> None:
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     create = keys_sub.add_parser("create", help="create a key and print it (once)")
-    create.add_argument("--org", required=True)
-    create.add_argument("--instance", required=True)
+    create.add_argument("--org", help="the organization the key names (all but --admin)")
+    create.add_argument("--instance", help="the instance the key names (all but --admin)")
+    create.add_argument("--admin", action="store_true",
+                        help="a key that reads every organization's usage and sends no requests")
     create.set_defaults(handler=commands.keys_create)
     listing = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
     listing.add_argument("--org")

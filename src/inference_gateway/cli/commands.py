@@ -101,14 +101,23 @@ def orgs(args: argparse.Namespace, settings: Settings) -> int:
 def keys_create(args: argparse.Namespace, settings: Settings) -> int:
     from inference_gateway.tenants import keys
 
-    try:
-        key, prefix = _with_db(settings,
-                               lambda conn: keys.create_key(conn, args.org, args.instance))
-    except ValueError as exc:
-        return _fail(str(exc))
+    if args.admin:
+        if args.org is not None or args.instance is not None:
+            return _fail("an admin key names no organization or instance: leave out --org and "
+                         "--instance")
+        key, prefix = _with_db(settings, keys.create_admin_key)
+        owner = "reading every organization's usage"
+    elif args.org is None or args.instance is None:
+        return _fail("keys create needs --org and --instance (or --admin)")
+    else:
+        try:
+            key, prefix = _with_db(settings,
+                                   lambda conn: keys.create_key(conn, args.org, args.instance))
+        except ValueError as exc:
+            return _fail(str(exc))
+        owner = f"for {args.org}/{args.instance}"
     print(key)
-    print(f"key {prefix} for {args.org}/{args.instance}: store it now, it is not shown again",
-          file=sys.stderr)
+    print(f"key {prefix} {owner}: store it now, it is not shown again", file=sys.stderr)
     return 0
 
 
@@ -116,11 +125,11 @@ def keys_list(args: argparse.Namespace, settings: Settings) -> int:
     from inference_gateway.tenants import keys
 
     rows = _with_db(settings, lambda conn: keys.list_keys(conn, args.org))
-    print("prefix\torganization_id\tinstance_id\tcreated_at\tlast_used_at\trevoked_at")
+    print("prefix\torganization_id\tinstance_id\tcreated_at\tlast_used_at\trevoked_at\trole")
     for row in rows:
-        print("\t".join([row["prefix"], row["organization_id"], row["instance_id"],
+        print("\t".join([row["prefix"], row["organization_id"] or "-", row["instance_id"] or "-",
                          _when(row["created_at"]), _when(row["last_used_at"]),
-                         _when(row["revoked_at"])]))
+                         _when(row["revoked_at"]), "admin" if row["is_admin"] else "tenant"]))
     return 0
 
 

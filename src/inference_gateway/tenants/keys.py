@@ -65,7 +65,7 @@ class KeyRing:
         await self._write_last_used(conn)
         rows = await conn.fetch(
             "SELECT id, key_hash, organization_id, instance_id FROM inference.api_keys "
-            "WHERE revoked_at IS NULL"
+            "WHERE revoked_at IS NULL AND organization_id IS NOT NULL"  # admin keys name no tenant
         )
         self._by_hash = {
             bytes(row["key_hash"]): KeyEntry(
@@ -97,14 +97,24 @@ async def create_key(conn: asyncpg.Connection, org: str, instance: str) -> tuple
     for name, value in (("organization", org), ("instance", instance)):
         if not is_valid_id(value):
             raise ValueError(f"the {name} id must be 1 to 256 printable ASCII characters")
+    return await _store_new_key(conn, org, instance)
+
+
+async def create_admin_key(conn: asyncpg.Connection) -> tuple[str, str]:
+    """Store a new admin key: it reads every organization's usage and cannot send requests."""
+    return await _store_new_key(conn, None, None)
+
+
+async def _store_new_key(conn: asyncpg.Connection, org: str | None, instance: str | None
+                         ) -> tuple[str, str]:
     for _ in range(_CREATE_ATTEMPTS):
         key = new_key()
         prefix = key[:PREFIX_LENGTH]
         try:
             await conn.execute(
-                "INSERT INTO inference.api_keys (prefix, key_hash, organization_id, instance_id) "
-                "VALUES ($1, $2, $3, $4)",
-                prefix, hash_key(key), org, instance,
+                "INSERT INTO inference.api_keys (prefix, key_hash, organization_id, instance_id, "
+                "is_admin) VALUES ($1, $2, $3, $4, $5)",
+                prefix, hash_key(key), org, instance, org is None,
             )
         except asyncpg.UniqueViolationError:  # a prefix already taken: draw again
             continue
@@ -114,9 +124,9 @@ async def create_key(conn: asyncpg.Connection, org: str, instance: str) -> tuple
 
 async def list_keys(conn: asyncpg.Connection, org: str | None = None) -> list[asyncpg.Record]:
     return list(await conn.fetch(
-        "SELECT prefix, organization_id, instance_id, created_at, last_used_at, revoked_at "
-        "FROM inference.api_keys WHERE $1::text IS NULL OR organization_id = $1 "
-        "ORDER BY organization_id, instance_id, created_at",
+        "SELECT prefix, organization_id, instance_id, created_at, last_used_at, revoked_at, "
+        "is_admin FROM inference.api_keys WHERE $1::text IS NULL OR organization_id = $1 "
+        "ORDER BY organization_id NULLS FIRST, instance_id, created_at",
         org,
     ))
 
