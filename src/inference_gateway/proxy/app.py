@@ -20,6 +20,7 @@ from aiohttp import web
 from inference_gateway.db.migrate import pending_migrations
 from inference_gateway.errors import error_response
 from inference_gateway.metering.meter import Meter
+from inference_gateway.portal import api as portal_api
 from inference_gateway.proxy.endpoints import EndpointTable, dialect_of, is_normal, not_normal
 from inference_gateway.proxy.handler import CORS_HEADERS, ProxyHandler
 from inference_gateway.proxy.payload import Caps
@@ -150,6 +151,7 @@ def create_app(settings: Settings, meter: Meter | None = None) -> web.Applicatio
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(gateway.lifespan)
+    portal_api.add_routes(app, settings)  # the usage API and /dashboard, before the catch-alls
     # aiohttp looks routes up by their first path segment: /v1 needs its own pre-flight route.
     app.router.add_route("OPTIONS", "/v1/{tail:.*}", gateway.preflight)
     app.router.add_get("/v1/models", gateway.models)
