@@ -9,6 +9,23 @@ scripts/bootstrap.sh
 if [ -z "${TEST_DATABASE_URL:-}" ]; then
   scripts/dev-postgres.sh
 fi
+# The deployment tests build and run the gateway's image (podman, runc, debootstrap) and put two
+# gateways behind HAProxy.
+deploy_missing=()
+for tool in podman runc debootstrap haproxy; do
+  command -v "$tool" >/dev/null || deploy_missing+=("$tool")
+done
+if [ "${#deploy_missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "test: installing ${deploy_missing[*]} from Debian"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q "${deploy_missing[@]}" >/dev/null
+  else
+    echo "test: ${deploy_missing[*]} missing (need root to install them);" \
+         "the image and scale-out tests will be skipped" >&2
+  fi
+fi
 .venv/bin/ruff check src tests
 .venv/bin/mypy src
 echo "test: setup took $(( $(date +%s) - start )) s"
