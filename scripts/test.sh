@@ -6,6 +6,18 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 start=$(date +%s)
 scripts/bootstrap.sh
+# The dashboard's test drives a real browser: Debian's chromium and its driver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "test: installing chromium and chromium-driver from Debian"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q chromium chromium-driver >/dev/null
+  else
+    echo "test: chromium and chromium-driver are missing (need root to install them);" \
+         "the dashboard's browser test will be skipped" >&2
+  fi
+fi
 if [ -z "${TEST_DATABASE_URL:-}" ]; then
   scripts/dev-postgres.sh
 fi

@@ -115,10 +115,12 @@ function svg(name, attrs, parent) {
   return node;
 }
 
-function niceCeiling(n) {
-  const step = Math.pow(10, Math.floor(Math.log10(n)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * step >= n) return m * step;
-  return 10 * step;
+// The distance between two grid lines: 1, 2 or 5 times a power of ten, a whole number, about
+// a quarter of the highest bar.
+function tickStep(highest) {
+  const rough = Math.max(highest / 4, 1);
+  const power = Math.pow(10, Math.floor(Math.log10(rough)));
+  return [1, 2, 5, 10].map((m) => m * power).find((step) => step >= rough);
 }
 
 function drawChart(chart, view, metric) {
@@ -132,13 +134,14 @@ function drawChart(chart, view, metric) {
       .textContent = "No usage in this period";
     return;
   }
-  const ceiling = niceCeiling(highest);
+  const step = tickStep(highest);
+  const ceiling = step * Math.ceil(highest / step);
   const plot = H - top - bottom;
-  for (let i = 0; i <= 4; i++) {
-    const y = top + plot * (1 - i / 4);
+  for (let tick = 0; tick <= ceiling; tick += step) {
+    const y = top + plot * (1 - tick / ceiling);
     svg("line", { x1: left, x2: W - right, y1: y, y2: y, class: "grid" }, chart);
     svg("text", { x: left - 6, y: y + 4, "text-anchor": "end", class: "axis" }, chart)
-      .textContent = short((ceiling * i) / 4);
+      .textContent = short(tick);
   }
   const slot = (W - left - right) / view.rows.length;
   const bar = Math.max(1, slot * 0.75);
