@@ -163,7 +163,8 @@ async def test_the_job_runs_in_one_process_of_the_fleet(conn: asyncpg.Connection
             await asyncio.sleep(0.1)
         await check(conn, rows)
         holders = await conn.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             locks.USAGE_ROLLUPS)
         assert holders == 1
     finally:

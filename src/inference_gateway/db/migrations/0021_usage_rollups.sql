@@ -56,10 +56,13 @@ INSERT INTO inference.usage_rollup_state DEFAULT VALUES;
 
 -- Add the rows ingested in [p_from, p_until) to the three rollups; returns how many rows that
 -- was. p_from NULL: from the oldest. Call it in the transaction that moves the watermark.
--- One statement: the rows are read and summed once, by minute, then added to each rollup.
+-- One statement: the rows are read and summed once, by minute, then added to each rollup. A
+-- pass holds at most 250,000 rows (portal/rollups.py): their sums are sorted in memory.
 CREATE FUNCTION inference.roll_up_usage(p_from timestamptz, p_until timestamptz)
 RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET work_mem = '64MB'
+AS $$
 DECLARE
     v_sql  text := $sql$
 WITH delta AS MATERIALIZED (
