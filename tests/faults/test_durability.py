@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -68,7 +69,10 @@ def test_sigkill_under_load_loses_nothing_and_duplicates_nothing(  # type: ignor
             answered: list[str] = []
             task = asyncio.create_task(fire(gateway.url, "sigkill", CHAT, total=2000,
                                             concurrency=64, ok=answered))
+            deadline = asyncio.get_running_loop().time() + 60
             while len(answered) < 700:  # mid-run: some written, some spooled, many in flight
+                assert not task.done(), f"the load ended after {len(answered)} answers"
+                assert asyncio.get_running_loop().time() < deadline, "the load did not get going"
                 await asyncio.sleep(0.01)
             os.killpg(gateway.popen.pid, signal.SIGKILL)  # the supervisor and its workers
             return await task
@@ -102,13 +106,22 @@ def test_spool_status_command_reports_pending(tmp_path: Path, cluster) -> None: 
         cluster.stop()
         ok = asyncio.run(fire(gateway.url, "status", CHAT, total=25, concurrency=5))
         assert len(ok) == 25
-        out = subprocess.run([sys.executable, "-m", "inference_gateway", "spool", "status"],
-                             env={"SPOOL_DIR": str(spool), "PATH": "/usr/bin:/bin"},
-                             capture_output=True, text=True, check=True).stdout
-        assert "pending records:   25" in out
+
+        def status() -> str:
+            return subprocess.run([sys.executable, "-m", "inference_gateway", "spool", "status"],
+                                  env={"SPOOL_DIR": str(spool), "PATH": "/usr/bin:/bin"},
+                                  capture_output=True, text=True, check=True).stdout
+
+        out = status()
+        assert "pending records:   25\n" in out
         cluster.start()
-        asyncio.run(wait_count(cluster.url, "status", 25, timeout=30))
+        rows = asyncio.run(wait_count(cluster.url, "status", 25, timeout=30))
+        assert sorted(str(r["request_id"]) for r in rows) == sorted(ok)
         wait_http(f"{gateway.url}/ready", gateway.popen)
+        deadline = time.monotonic() + 30  # acknowledged in the spool just after the commit
+        while "pending records:   0\n" not in (out := status()):
+            assert time.monotonic() < deadline, out
+            time.sleep(0.1)
     finally:
         gateway.stop()
         sim.stop()
