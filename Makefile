@@ -1,4 +1,4 @@
-.PHONY: run test lint bench stop-dev clean-dev
+.PHONY: run test lint bench image stop-dev clean-dev
 
 # Postgres, a model backend (BACKEND=sim or vllm) and the gateway on :8080.
 run:
@@ -15,6 +15,10 @@ lint:
 
 bench:
 	scripts/bench.sh
+
+# The gateway's container image, with podman, on a Debian base built once into .dev/image.
+image:
+	deploy/image/build.sh
 
 # Stop the dev Postgres that `make run` and `make test` start (its data stays in .dev/pg).
 stop-dev:

@@ -4,6 +4,7 @@
 #   --duration S   seconds per measurement (default 10)   --quick        a 3-second smoke run
 #   --skip-stream  --skip-memory                          --profile S    py-spy a worker under load
 # Results: bench/results/proxy.json and bench/results/proxy.md (--quick: .dev/bench/).
+# Then the scale-out benchmark: bench/results/scaleout.json.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +17,7 @@ missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v hey >/dev/null || missing+=(hey)
 command -v nginx >/dev/null || missing+=(nginx-light)
+command -v haproxy >/dev/null || missing+=(haproxy)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "bench: need ${missing[*]} (install them, or run as root to have them installed)" >&2
@@ -27,4 +29,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 
-exec .venv/bin/python bench/proxy_bench.py "$@"
+.venv/bin/python bench/proxy_bench.py "$@"
+
+# Two gateway instances against one behind HAProxy (bench/results/scaleout.json); only --quick
+# and --duration apply to it.
+scaleout_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) scaleout_args+=(--quick) ;;
+    --duration) scaleout_args+=(--duration "$2"); shift ;;
+    --duration=*) scaleout_args+=("$1") ;;
+  esac
+  shift
+done
+exec .venv/bin/python bench/scaleout_bench.py "${scaleout_args[@]}"

@@ -122,7 +122,7 @@ def test_one_instance_killed_under_load_loses_and_doubles_nothing(  # type: igno
         async def scenario() -> tuple[Load, float, float, set[str]]:
             load = Load(balancer.url)
             task = asyncio.create_task(load.run())
-            await wait_until(lambda: len(load.ok("gateway-1")) >= 400, 30)
+            await wait_until(lambda: len(load.ok("gateway-1")) >= 300, 30)
             killed_at = time.monotonic()
             os.killpg(first.popen.pid, signal.SIGKILL)
             first.popen.wait()
@@ -130,12 +130,12 @@ def test_one_instance_killed_under_load_loses_and_doubles_nothing(  # type: igno
             in_postgres = set(await stored(cluster.url))
             only_spooled = answered_by_first - in_postgres
             # The other instance carries the load alone for a while.
-            await wait_until(lambda: len(load.ok("gateway-2", since=killed_at + 0.5)) >= 300, 30)
+            await wait_until(lambda: len(load.ok("gateway-2", since=killed_at + 0.5)) >= 200, 30)
             restarted = start_gateway(tmp_path, cluster.url, sims[0].url,
                                       WEBSERVER_PORT=str(first.port), **killed_env)
             procs.append(restarted)
             back_at = time.monotonic()
-            await wait_until(lambda: len(load.ok("gateway-1", since=back_at)) >= 200, 30)
+            await wait_until(lambda: len(load.ok("gateway-1", since=back_at)) >= 100, 30)
             load.stop.set()
             await task
             return load, killed_at, back_at, only_spooled
