@@ -69,9 +69,10 @@ async def respond(engine: Engine, request: web.Request, gen: Generation,
         return await _stream(engine, request, gen, form, rid, created)
     if gen.refused:
         return engine_failure().response()
-    await engine.pace_all(gen.max_tokens)
+    async with engine.run(request, gen.model, gen.job, gen.cached) as run:
+        await run.generate()
     choices, produced = await _choices(gen, form)
-    # vLLM reports the cache figures of one prompt only: the last one to finish.
+    # vLLM reports the cache figures of one sequence only: the last one to finish.
     details = engine.details(gen.cache[-1]) if form.details else None
     answer: Json = {
         "id": rid,
@@ -112,22 +113,15 @@ async def _stream(engine: Engine, request: web.Request, gen: Generation, form: F
         return response
     base = {"id": rid, "object": "chat.completion.chunk" if form.chat else "text_completion",
             "created": created, "model": gen.model}
-    await engine.pace_first()
-    for opening in form.opening(gen, base):
-        await response.write(sse(opening))
-    for t in range(gen.max_tokens):
-        if t:
-            await engine.pace_token()
-        last = t == gen.max_tokens - 1
-        for index in range(gen.choices):
-            word = tokens.output_words(1, index + t)[0]
-            out = chunk(gen, base, form.delta(gen, index, t, word, last), index, t + 1,
-                        form.chat)
-            if last and not gen.include_usage:
-                out["system_fingerprint"] = engine.fingerprint
-            await response.write(sse(out))
+    async with engine.run(request, gen.model, gen.job, gen.cached) as run:
+        for t in range(gen.max_tokens):
+            await run.advance()
+            if not t:
+                for opening in form.opening(gen, base):
+                    await response.write(sse(opening))
+            await _step(engine, response, gen, form, base, t)
     if gen.include_usage:
-        # In a stream vLLM reports the cache figures of the first prompt it heard from.
+        # In a stream vLLM reports the cache figures of the first sequence it heard from.
         final = usage.final_chunk(sum(gen.prompts), gen.max_tokens * gen.choices,
                                   engine.details(gen.cache[0]), chat=form.chat)
         await response.write(sse({**base, "choices": [], "usage": final,
@@ -135,3 +129,15 @@ async def _stream(engine: Engine, request: web.Request, gen: Generation, form: F
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+async def _step(engine: Engine, response: web.StreamResponse, gen: Generation, form: Form,
+                base: Json, t: int) -> None:
+    """The chunks of token ``t``, one per choice."""
+    last = t == gen.max_tokens - 1
+    for index in range(gen.choices):
+        word = tokens.output_words(1, index + t)[0]
+        out = chunk(gen, base, form.delta(gen, index, t, word, last), index, t + 1, form.chat)
+        if last and not gen.include_usage:
+            out["system_fingerprint"] = engine.fingerprint
+        await response.write(sse(out))

@@ -16,9 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
-from inference_gateway.simulator import chat, completions, messages, pooling, tokens
+from inference_gateway.simulator import chat, completions, controls, messages, pooling, tokens
 from inference_gateway.simulator.config import SimConfig
 from inference_gateway.simulator.engine import VLLM_VERSION, Engine
+from inference_gateway.simulator.faults import BrokenOff
+from inference_gateway.simulator.metrics import CONTENT_TYPE, exposition
 from inference_gateway.simulator.responses import Responses
 from inference_gateway.simulator.validation import SimError, json_response
 
@@ -77,7 +79,23 @@ async def version(engine: Engine, request: web.Request) -> web.Response:
 
 
 async def health(engine: Engine, request: web.Request) -> web.Response:
-    return web.Response(status=200)
+    return web.Response(status=engine.faults.health)
+
+
+async def metrics(engine: Engine, request: web.Request) -> web.Response:
+    return web.Response(body=exposition(engine.cores, engine.created).encode(),
+                        headers={"Content-Type": CONTENT_TYPE})
+
+
+@web.middleware
+async def quiet_breaks(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                       ) -> web.StreamResponse:
+    """An answer broken off on purpose ends without an error logged; nothing more is sent."""
+    try:
+        return await handler(request)
+    except BrokenOff:
+        return web.Response()
 
 
 def not_found(known: set[str]) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -93,16 +111,17 @@ def not_found(known: set[str]) -> Callable[[web.Request], Awaitable[web.Response
 
 def create_app(config: SimConfig) -> web.Application:
     engine = Engine(config)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[quiet_breaks])
 
     def bind(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             return await handler(engine, request)
         return handle
 
-    for path, handler in POSTS.items():
+    for path, handler in {**POSTS, **controls.ROUTES}.items():
         app.router.add_post(path, bind(handler))
-    gets: dict[str, Handler] = {"/v1/models": models, "/version": version, "/health": health}
+    gets: dict[str, Handler] = {"/v1/models": models, "/version": version, "/health": health,
+                                "/metrics": metrics}
     for path, handler in gets.items():
         app.router.add_get(path, bind(handler), allow_head=False)
     app.router.add_post("/tokenize", bind(tokenize))
@@ -110,6 +129,6 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1/responses", responses.create)
     app.router.add_get("/v1/responses/{response_id}", responses.retrieve, allow_head=False)
     app.router.add_post("/v1/responses/{response_id}/cancel", responses.cancel)
-    known = {*POSTS, *gets, "/tokenize", "/v1/responses"}
+    known = {*POSTS, *controls.ROUTES, *gets, "/tokenize", "/v1/responses"}
     app.router.add_route("*", "/{tail:.*}", not_found(known))
     return app

@@ -21,6 +21,10 @@ class SimConfig:
     store_size: int = 10_000  # responses kept, oldest dropped first (vLLM never drops any)
     block_size: int = 16  # tokens per prefix-cache block (vLLM's default on GPUs; 128 on CPUs)
     cache_blocks: int = 65_536  # prefix-cache blocks remembered
+    # The load model (see ``load``): vLLM's --max-num-seqs, and the KV cache's size in blocks
+    # (vLLM's --num-gpu-blocks-override), which running requests fill.
+    max_num_seqs: int = 256
+    kv_blocks: int = 8192
     # vLLM refuses a body whose Content-Type is not application/json; off by default so that
     # clients written for the older simulator keep working.
     check_content_type: bool = False

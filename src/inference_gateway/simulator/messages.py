@@ -23,6 +23,9 @@ from inference_gateway.simulator import tokens
 from inference_gateway.simulator.cache import CacheUse
 from inference_gateway.simulator.chat import EMPTY_CONVERSATION
 from inference_gateway.simulator.engine import Engine, new_id, typed_sse
+from inference_gateway.simulator.faults import FaultError
+from inference_gateway.simulator.load import Job
+from inference_gateway.simulator.run import Run
 from inference_gateway.simulator.sampling import (
     Sampling,
     check_max_tokens,
@@ -41,6 +44,10 @@ class Message:
     cache: CacheUse
     refused: bool  # the engine fails once the request is accepted (see Sampling)
 
+    @property
+    def job(self) -> Job:
+        return Job([len(self.prompt)], 1, self.max_tokens)
+
 
 # What vLLM sends when its engine fails during a stream: its own converter's complaint about
 # the OpenAI error chunk it was handed.
@@ -56,6 +63,12 @@ STREAM_FAILURE = (
 def anthropic_error(exc: SimError) -> web.Response:
     return json_response({"type": "error", "error": {"type": exc.err_type,
                                                      "message": exc.message}}, exc.status)
+
+
+def _refused(exc: SimError) -> web.Response:
+    """Request validation answers in OpenAI's shape; a simulated fault, as vLLM's handler
+    would, in Anthropic's."""
+    return anthropic_error(exc) if isinstance(exc, FaultError) else exc.response()
 
 
 ROLES = ("user", "assistant", "system")
@@ -148,7 +161,7 @@ async def messages(engine: Engine, request: web.Request) -> web.StreamResponse:
         sampling.top_p = fields.number("top_p")
         fields.done()
     except SimError as exc:
-        return exc.response()
+        return _refused(exc)
     try:
         message = _plan(engine, body, sampling, system, conversation)
     except SimError as exc:
@@ -159,7 +172,8 @@ async def messages(engine: Engine, request: web.Request) -> web.StreamResponse:
     if not stream and message.refused:
         return anthropic_error(engine_failure())
     if not stream:
-        await engine.pace_all(message.max_tokens)
+        async with engine.run(request, message.model, message.job, message.cache.cached) as run:
+            await run.generate()
         return json_response({
             "id": rid, "type": "message", "role": "assistant",
             "content": [{"type": "text", "text": " ".join(words)}], "model": message.model,
@@ -170,7 +184,22 @@ async def messages(engine: Engine, request: web.Request) -> web.StreamResponse:
             "type": "internal_error", "message": STREAM_FAILURE}}))
         await response.write_eof()
         return response
-    await engine.pace_first()  # vLLM starts the message with its first generated chunk
+    async with engine.run(request, message.model, message.job, message.cache.cached) as run:
+        await _text(run, response, rid, message, words)
+    await response.write(typed_sse("content_block_stop",
+                                   {"type": "content_block_stop", "index": 0}))
+    await response.write(typed_sse("message_delta", {
+        "type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+        "usage": final_usage}))
+    await response.write(typed_sse("message_stop", {"type": "message_stop"}))
+    await response.write_eof()
+    return response
+
+
+async def _text(run: Run, response: web.StreamResponse, rid: str, message: Message,
+                words: list[str]) -> None:
+    """The stream's opening events once the first token is made, then one delta per token."""
+    await run.advance()
     await response.write(typed_sse("message_start", {"type": "message_start", "message": {
         "id": rid, "type": "message", "role": "assistant", "content": [],
         "model": message.model, "stop_reason": None, "stop_sequence": None,
@@ -180,18 +209,10 @@ async def messages(engine: Engine, request: web.Request) -> web.StreamResponse:
         "index": 0}))
     for t, word in enumerate(words):
         if t:
-            await engine.pace_token()
+            await run.advance()
         await response.write(typed_sse("content_block_delta", {
             "type": "content_block_delta",
             "delta": {"type": "text_delta", "text": (" " if t else "") + word}, "index": 0}))
-    await response.write(typed_sse("content_block_stop",
-                                   {"type": "content_block_stop", "index": 0}))
-    await response.write(typed_sse("message_delta", {
-        "type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
-        "usage": final_usage}))
-    await response.write(typed_sse("message_stop", {"type": "message_stop"}))
-    await response.write_eof()
-    return response
 
 
 def _plan(engine: Engine, body: dict[str, Any], sampling: Sampling,
@@ -224,7 +245,7 @@ async def count_tokens(engine: Engine, request: web.Request) -> web.Response:
         system = _system(fields)
         fields.done()
     except SimError as exc:
-        return exc.response()
+        return _refused(exc)
     try:
         engine.model(body)
         prompt = _render(engine, system, conversation)

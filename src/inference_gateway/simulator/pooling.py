@@ -118,6 +118,7 @@ async def embeddings(engine: Engine, request: web.Request) -> web.Response:
             shown = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode()
         data.append({"index": i, "object": "embedding", "embedding": shown})
     prompt_tokens = sum(len(p) for p in prompts)
+    engine.pooled(model, prompt_tokens)
     return json_response({"id": new_id("embd-"), "object": "list", "created": int(time.time()),
                           "model": model, "data": data, "usage": usage.pooling(prompt_tokens)})
 
@@ -195,6 +196,7 @@ async def score(engine: Engine, request: web.Request) -> web.Response:
         scores, prompt_tokens = _scores(engine, *sides)
     except SimError as exc:
         return exc.response()
+    engine.pooled(model, prompt_tokens)
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
     return json_response({"id": new_id("score-"), "object": "list", "created": int(time.time()),
                           "model": model, "data": data,
@@ -226,6 +228,7 @@ async def rerank(engine: Engine, request: web.Request) -> web.Response:
         scores, prompt_tokens = _scores(engine, [query], documents)
     except SimError as exc:
         return exc.response()
+    engine.pooled(model, prompt_tokens)
     ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
     if top_n:
         ranked = ranked[:top_n]

@@ -9,15 +9,16 @@ closing ``response.completed`` carries the finished response with its ``usage`` 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from inference_gateway.simulator.engine import Engine, new_id
+from inference_gateway.simulator.engine import new_id
+from inference_gateway.simulator.run import Run
 
 
-async def stream_events(engine: Engine, started: dict[str, Any], words: list[str],
+async def stream_events(run: Run, started: dict[str, Any], words: list[str],
                         finish: Callable[[str], dict[str, Any]],
-                        ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+                        ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
     """``(type, event)`` pairs; ``finish(item_id)`` builds the finished response."""
     sequence = 0
 
@@ -31,7 +32,7 @@ async def stream_events(engine: Engine, started: dict[str, Any], words: list[str
 
     yield event("response.created", {"response": started})
     yield event("response.in_progress", {"response": started})
-    await engine.pace_first()  # the message item opens with the first token
+    await run.advance()  # the message item opens with the first token
     item_id = new_id("msg_")
     yield event("response.output_item.added", {
         "item": {"id": item_id, "content": [], "role": "assistant", "status": "in_progress",
@@ -42,7 +43,7 @@ async def stream_events(engine: Engine, started: dict[str, Any], words: list[str
         "part": {"annotations": [], "text": "", "type": "output_text", "logprobs": []}})
     for t, word in enumerate(words):
         if t:
-            await engine.pace_token()
+            await run.advance()
         yield event("response.output_text.delta", {
             "content_index": 0, "delta": (" " if t else "") + word, "item_id": item_id,
             "logprobs": [], "output_index": 0})

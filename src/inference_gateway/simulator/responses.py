@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,9 @@ from inference_gateway.simulator import tokens
 from inference_gateway.simulator.cache import CacheUse
 from inference_gateway.simulator.chat import EMPTY_CONVERSATION
 from inference_gateway.simulator.engine import Engine, new_id, typed_sse
+from inference_gateway.simulator.load import Job
 from inference_gateway.simulator.response_events import stream_events
+from inference_gateway.simulator.run import Run
 from inference_gateway.simulator.sampling import (
     Sampling,
     check_max_tokens,
@@ -112,15 +115,16 @@ class Responses:
         if turn.background:
             return await self._background(request, turn)
         if turn.stream:
-            stream = await self._follow(request, self._generate(turn), end=not turn.refused)
+            stream = await self._follow(request, self._generate(turn, request),
+                                        end=not turn.refused)
             if turn.refused and request.transport is not None:
                 request.transport.close()  # vLLM's stream breaks off without its last chunk
             return stream
         if turn.refused:
             return engine_failure().response()
-        await self.engine.pace_all(turn.max_tokens)
-        final = self._final(turn)
-        return json_response(final)
+        async with self._run(turn, request) as run:
+            await run.generate()
+        return json_response(self._final(turn))
 
     def _turn(self, body: dict[str, Any]) -> Turn:
         fields = Fields(body)
@@ -186,14 +190,21 @@ class Responses:
             cache=engine.cache_use(model, prompt), stream=stream, background=background,
             store=store, refused=sampling.engine_refuses)
 
-    async def _generate(self, turn: Turn) -> AsyncIterator[bytes]:
+    def _run(self, turn: Turn, request: web.Request | None) -> Run:
+        job = Job([len(turn.prompt)], 1, turn.max_tokens)
+        return self.engine.run(request, turn.model, job, turn.cache.cached)
+
+    async def _generate(self, turn: Turn,
+                        request: web.Request | None) -> AsyncGenerator[bytes, None]:
         """The events of a streamed response; the last one is stored when the turn is."""
-        events = stream_events(self.engine, self._object(turn, "in_progress"),
-                               turn.output_words(), lambda item: self._final(turn, item))
-        async for kind, event in events:
-            yield typed_sse(kind, event)
-            if turn.refused and kind == "response.in_progress":
-                return  # vLLM's stream ends here when its engine fails
+        async with self._run(turn, request) as run:
+            events = stream_events(run, self._object(turn, "in_progress"),
+                                   turn.output_words(), lambda item: self._final(turn, item))
+            async with aclosing(events):
+                async for kind, event in events:
+                    yield typed_sse(kind, event)
+                    if turn.refused and kind == "response.in_progress":
+                        return  # vLLM's stream ends here when its engine fails
 
     def _final(self, turn: Turn, item_id: str | None = None) -> dict[str, Any]:
         """The finished response object; kept in the store when the turn asks for it."""
@@ -239,30 +250,34 @@ class Responses:
         stored = Stored(queued)
         self.store.put(turn.rid, stored)
         if not turn.stream:
-            async def run() -> None:
-                await self.engine.pace_all(turn.max_tokens)
-                if not turn.refused:  # a failed engine leaves the response queued, as in vLLM
-                    self._final(turn)
+            async def generate() -> None:
+                if turn.refused:  # a failed engine leaves the response queued, as in vLLM
+                    return
+                async with self._run(turn, None) as run:
+                    await run.generate()
+                self._final(turn)
 
-            stored.task = asyncio.create_task(run())
+            stored.task = asyncio.create_task(generate())
             return json_response(queued)
         log = self.store.new_log(turn.rid)
 
         async def run_stream() -> None:
             try:
-                async for event in self._generate(turn):
-                    log.append(event)
+                async with aclosing(self._generate(turn, None)) as events:
+                    async for event in events:
+                        log.append(event)
             finally:
                 log.finish()
 
         stored.task = asyncio.create_task(run_stream())
         return await self._follow(request, log.follow())
 
-    async def _follow(self, request: web.Request, events: AsyncIterator[bytes],
+    async def _follow(self, request: web.Request, events: AsyncGenerator[bytes, None],
                       end: bool = True) -> web.StreamResponse:
         stream = await self.engine.open_stream(request)
-        async for event in events:
-            await stream.write(event)
+        async with aclosing(events):  # a client that leaves ends the generation at once
+            async for event in events:
+                await stream.write(event)
         if end:
             await stream.write_eof()
         return stream
@@ -299,7 +314,7 @@ class Responses:
         return json_response(stored.response)
 
 
-async def _nothing() -> AsyncIterator[bytes]:
+async def _nothing() -> AsyncGenerator[bytes, None]:
     return
     yield b""  # pragma: no cover
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from inference_gateway.simulator.cache import CacheUse
 from inference_gateway.simulator.engine import Engine
+from inference_gateway.simulator.load import Job
 from inference_gateway.simulator.validation import INT64_MAX, INT64_MIN, Fields, checked
 
 MAX_N = 16384  # vLLM's default VLLM_MAX_N_SEQUENCES
@@ -171,12 +172,22 @@ class Generation:
     include_usage: bool = False
     continuous: bool = False
     return_token_ids: bool = False
-    cache: list[CacheUse] = field(default_factory=list)  # what each prompt found cached
+    # What each sequence found in the prefix cache, prompt by prompt and choice by choice: the
+    # first choice of a new prompt computes it, the others find its full blocks, as on vLLM.
+    cache: list[CacheUse] = field(default_factory=list)
     refused: bool = False  # the engine fails once the request is accepted (see Sampling)
 
     @property
     def choices(self) -> int:
         return self.n * len(self.prompts)
+
+    @property
+    def job(self) -> Job:
+        return Job(self.prompts, self.n, self.max_tokens)
+
+    @property
+    def cached(self) -> int:
+        return sum(use.cached for use in self.cache)
 
 
 def plan(engine: Engine, body: dict[str, Any], sampling: Sampling,
@@ -204,6 +215,17 @@ def plan(engine: Engine, body: dict[str, Any], sampling: Sampling,
         stream=stream, include_usage=include_usage,
         continuous=include_usage and options.get("continuous_usage_stats") is True,
         return_token_ids=return_token_ids,
-        cache=[engine.cache_use(model, p) for p in prompts],
+        cache=_lookups(engine, model, prompts, n),
         refused=sampling.engine_refuses,
     )
+
+
+def _lookups(engine: Engine, model: str, prompts: list[list[int]], n: int) -> list[CacheUse]:
+    """What each sequence finds in the prefix cache. After the first of a prompt, the others
+    all find the same, so that is looked up once, however large ``n`` is."""
+    uses: list[CacheUse] = []
+    for prompt in prompts:
+        uses.append(engine.cache_use(model, prompt))
+        if n > 1:
+            uses += [engine.cache_use(model, prompt)] * (n - 1)
+    return uses

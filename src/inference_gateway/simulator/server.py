@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from dataclasses import fields
 
 from aiohttp import web
 
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error-rate", type=float, default=0.0,
                         help="fraction of requests answered with a 500")
     parser.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        dest="prompt_tokens_details",
                         help="as vLLM's flag: usage reports cached prompt tokens")
     parser.add_argument("--enable-store", action="store_true",
                         help="as vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1: keep responses, "
@@ -34,23 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dim", type=int, default=16)
     parser.add_argument("--check-content-type", action="store_true",
                         help="refuse bodies not sent as application/json, as vLLM does")
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="as vLLM's flag: sequences generated at once; the rest wait")
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=8192, metavar="N",
+                        dest="kv_blocks",
+                        help="as vLLM's flag: KV-cache blocks (of --block-size tokens) that "
+                        "running requests fill")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
-    return SimConfig(
-        models=args.models or ["facebook/opt-125m"],
-        ttft_ms=args.ttft_ms,
-        tpot_ms=args.tpot_ms,
-        max_model_len=args.max_model_len,
-        default_max_tokens=args.default_max_tokens,
-        error_rate=args.error_rate,
-        embedding_dim=args.embedding_dim,
-        prompt_tokens_details=args.enable_prompt_tokens_details,
-        enable_store=args.enable_store,
-        store_size=args.store_size,
-        block_size=args.block_size,
-        check_content_type=args.check_content_type,
-    )
+    """The options whose names are the configuration's fields (``--model`` gathers ``models``)."""
+    names = {f.name for f in fields(SimConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return SimConfig(**given)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover
         pass
+    # A client that leaves cancels its handler, so its request stops generating and frees its
+    # place, as vLLM aborts the request of a client that has gone.
     web.run_app(create_app(config_from_args(args)), host=args.host, port=args.port,
-                access_log=None, print=None)
+                access_log=None, print=None, handler_cancellation=True)
     return 0

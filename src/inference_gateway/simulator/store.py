@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from array import array
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ class EventLog:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def follow(self, start: int = 0) -> AsyncIterator[bytes]:
+    async def follow(self, start: int = 0) -> AsyncGenerator[bytes, None]:
         """Every event from ``start`` on, waiting for new ones until the stream ends."""
         index = start
         while True:
