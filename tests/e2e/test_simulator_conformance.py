@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,9 @@ CASES = [
     Case("chat-n2", CHAT, chat(n=2)),
     Case("chat-no-model", CHAT, {"messages": HELLO, "max_tokens": 2}),
     Case("chat-token-ids", CHAT, chat(return_token_ids=True)),
+    # Members vLLM does not know are ignored; an empty x_simulate asks the simulator for nothing.
+    Case("chat-unknown-members", CHAT, chat(unknown_member={"a": 1}, x_simulate={})),
+    Case("text-unknown-member-stream", TEXT, text(unknown_member=[1], stream=True)),
     *(Case(f"chat-stream-{k}", CHAT, chat(**v)) for k, v in STREAM_OPTIONS.items()),
     Case("chat-stream-n2", CHAT, chat(n=2, **STREAM_OPTIONS["plain"])),
     Case("chat-stream-n2-usage", CHAT, chat(n=2, **STREAM_OPTIONS["usage"])),
@@ -317,6 +320,7 @@ POOLING_CASES = [
     Case("embeddings-token-id-lists", EMBED, embed(input=[[5, 6], [7]])),
     Case("embeddings-base64", EMBED, embed(encoding_format="base64")),
     Case("embeddings-no-model", EMBED, {"input": "Hi"}),
+    Case("embeddings-unknown-member", EMBED, embed(unknown_member=None, x_simulate={})),
     Case("embeddings-unknown-model", EMBED, embed(model="no-such-model")),
     Case("embeddings-missing-input", EMBED, {"model": SERVED_MODEL}),
     Case("embeddings-input-a-number", EMBED, embed(input=5)),
@@ -666,3 +670,126 @@ def test_store_is_bounded(tmp_path_factory: pytest.TempPathFactory) -> None:
         assert statuses == [404, 200, 200]
     finally:
         sim.stop()
+
+
+# /metrics: the families the simulator writes are vLLM's, and its counters count what vLLM's do.
+
+GATEWAY_READS = ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total",
+                 "vllm:prefix_cache_hits_total")
+COUNTED = ("vllm:prompt_tokens_total", "vllm:prefix_cache_queries_total",
+           "vllm:prefix_cache_hits_total", "vllm:generation_tokens_total")
+SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$")
+
+
+@dataclass
+class Exposition:
+    content_type: str | None
+    families: dict[str, tuple[str, str]]  # name: (HELP text, TYPE)
+    labels: dict[str, list[list[tuple[str, str]]]]  # name: the labels of each sample, in order
+    values: dict[str, float]  # name: the sum of its samples
+
+    def counted(self) -> dict[str, float]:
+        return {name: self.values[name] for name in COUNTED}
+
+
+def scrape(base_url: str) -> Exposition:
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        content_type, text = response.headers.get("Content-Type"), response.read().decode()
+    helps: dict[str, str] = {}
+    found = Exposition(content_type, {}, {}, {})
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name, _, words = line[7:].partition(" ")
+            helps[name] = words
+        elif line.startswith("# TYPE "):
+            name, kind = line[7:].split(" ")
+            found.families[name] = (helps[name], kind)
+        elif (sample := SAMPLE.match(line)) is not None:
+            name, labels, value = sample.groups()
+            found.labels.setdefault(name, []).append(re.findall(r'(\w+)="([^"]*)"', labels or ""))
+            found.values[name] = found.values.get(name, 0.0) + float(value)
+    return found
+
+
+def test_metrics_text_like_vllm(vllm: VllmServer, simulator_like_vllm: Proc) -> None:
+    """Each family the simulator writes, those the gateway reads among them, is vLLM's: its
+    HELP text, type, label names and values (``engine``, ``model_name``), in vLLM's order."""
+    real, simulated = scrape(vllm.url), scrape(simulator_like_vllm.url)
+    assert simulated.content_type == real.content_type
+    assert set(GATEWAY_READS) <= set(simulated.families)
+    for name, family in simulated.families.items():
+        assert family == real.families.get(name), name
+        assert simulated.labels[name] == real.labels[name], name
+    assert [n for n in real.families if n in simulated.families] == list(simulated.families)
+
+
+def idle(base_url: str, timeout: float = 60) -> Exposition:
+    """The metrics once nothing runs or waits (vLLM may still be busy with earlier tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = scrape(base_url)
+        if found.values["vllm:num_requests_running"] == found.values[
+                "vllm:num_requests_waiting"] == 0 or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def moved(base_url: str, before: Exposition, want: dict[str, float]) -> dict[str, float]:
+    """How the counters moved; vLLM updates them a little after it has answered."""
+    deadline = time.monotonic() + 10
+    while True:
+        after = idle(base_url).counted()
+        delta = {name: after[name] - before.values[name] for name in COUNTED}
+        if all(delta[n] >= want[n] for n in want) or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.1)
+
+
+def expected(case: Case, answer: Answer) -> dict[str, float]:
+    """What the counters should move by, read from the answer's usage: the prompt once per
+    sequence (``n`` of them per prompt), a hit for each cached token of each sequence."""
+    body = case.body if isinstance(case.body, dict) else {}
+    n = int(body.get("n") or 1)
+    if answer.body.startswith(b"data: "):
+        usage = json.loads(events(answer.body)[-2])["usage"]
+    else:
+        usage = answer.json()["usage"]
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    made = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    details = usage.get("prompt_tokens_details") or {}
+    # Without streaming, usage reports the cache of the last sequence, which found every full
+    # block the first one computed; a short new prompt has none to find.
+    hits = (n - 1) * details.get("cached_tokens", 0)
+    return {"vllm:prompt_tokens_total": n * prompt, "vllm:prefix_cache_queries_total": n * prompt,
+            "vllm:prefix_cache_hits_total": hits, "vllm:generation_tokens_total": made}
+
+
+# Requests whose counts are checked, each made of a prefix never sent before.
+COUNTING: dict[str, Callable[[str], tuple[str, dict[str, Any]]]] = {
+    "chat-n3-long-prompt": lambda fresh: (CHAT, chat(
+        messages=[{"role": "user", "content": fresh + "hello world " * 40}], n=3, max_tokens=3,
+        ignore_eos=True)),
+    "text-two-prompts-n2-stream": lambda fresh: (TEXT, text(
+        prompt=[fresh + "a b", fresh + "c"], n=2, max_tokens=3, ignore_eos=True,
+        **STREAM_OPTIONS["usage"])),
+    "responses": lambda fresh: (RESPONSES, respond(input=fresh + "Hello!")),
+    "embeddings": lambda fresh: (EMBED, embed(input=[fresh + "a", "b c"])),
+}
+
+
+@pytest.mark.parametrize("name", COUNTING)
+def test_counters_move_like_vllms(name: str, vllm: VllmServer, vllm_pooling: VllmServer,
+                                  simulator_like_vllm: Proc) -> None:
+    """On both servers the counters move by what the request used, by vLLM's rules: a 36-token
+    prompt with ``n`` = 3 moves ``vllm:prompt_tokens_total`` by 108 where usage says 36."""
+    case = Case(name, *COUNTING[name](f"{uuid.uuid4().hex} "))
+    real_server = vllm_pooling if case.path == EMBED else vllm
+    for base_url in (real_server.url, simulator_like_vllm.url):
+        before = idle(base_url)
+        answer = send(base_url, case)
+        assert answer.status == 200, answer.body[:300]
+        want = expected(case, answer)
+        assert moved(base_url, before, want) == want, base_url
+        assert idle(base_url).values["vllm:kv_cache_usage_perc"] == 0
