@@ -38,9 +38,14 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
                           check=False)
 
 
+def manifests() -> list[Path]:
+    """What `kubectl apply -f deploy/kubernetes/` applies, and the example Secret."""
+    return [*sorted(KUBERNETES.glob("*.yaml")), KUBERNETES / "examples" / "secret.yaml"]
+
+
 def objects() -> dict[tuple[str, str], dict[str, Any]]:
     found: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(KUBERNETES.glob("*.yaml")):
+    for path in manifests():
         for doc in yaml.safe_load_all(path.read_text()):
             found[(doc["kind"], doc["metadata"]["name"])] = doc
     return found
@@ -57,7 +62,7 @@ def test_dockerfiles_pass_hadolint() -> None:
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_kubernetes_objects_validate(version: str, tmp_path: Path) -> None:
-    files = sorted(str(p) for p in KUBERNETES.glob("*.yaml"))
+    files = [str(p) for p in manifests()]
     done = run(str(BIN / "kubernetes-validate"), "--strict", "--quiet", "-k", version, *files)
     assert done.returncode == 0, done.stdout + done.stderr
     # A misspelt field is refused: the validation is strict.
