@@ -11,7 +11,7 @@ def test_original_variables_and_defaults(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("MODEL_REWRITES", "gpt-4:a")
     monkeypatch.setenv("ORG_AUTH_ENABLED", "true")
     settings = load_settings()
-    assert settings.model_service_port_map == {"a": "http://h:1", "b": "https://h:2"}
+    assert settings.model_service_port_map == {"a": ("http://h:1",), "b": ("https://h:2",)}
     assert settings.model_rewrites == {"gpt-4": "a"}
     assert settings.webserver_port == 8080
     assert settings.org_auth_enabled is True
@@ -46,7 +46,7 @@ def test_malformed_values_name_the_variable(
 
 
 def test_router_follows_rewrites() -> None:
-    router = Router({"a": "http://h:1"}, {"alias": "a"})
+    router = Router({"a": ("http://h:1",)}, {"alias": "a"})
     assert router.resolve("alias") == router.resolve("a")
     route = router.resolve("alias")
     assert route is not None and route.served_model == "a"

@@ -85,6 +85,11 @@ class _Handler(socketserver.BaseRequestHandler):
         while b"\r\n\r\n" not in data:
             data += sock.recv(65536)
         head, _, body = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"POST "):  # the gateway's health probes and load scrapes
+            healthy = head.startswith(b"GET /health ")
+            sock.sendall(b"HTTP/1.1 %s\r\ncontent-length: 0\r\n\r\n"
+                         % (b"200 OK" if healthy else b"404 Not Found"))
+            return
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         while len(body) < length:
             body += sock.recv(65536)

@@ -37,11 +37,23 @@ def parse_pairs(value: str, sep: str, what: str) -> dict[str, str]:
     return pairs
 
 
+# The original server's default: one model on the local vLLM.
+_ORIGINAL_MODEL: dict[str, tuple[str, ...]] = {"facebook/opt-125m": ("http://localhost:8000",)}
+DNS_SCHEMES = ("dns+http://", "dns+https://")  # a name to resolve, every address a replica
+
+
 def check_url(name: str, url: str) -> str:
-    """A model server's base URL, checked the way the gateway will use it; without a final /."""
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"the URL of {name!r} must start with http:// or https://, got {url!r}")
-    parts = urlsplit(url)
+    """A model server's base URL, checked the way the gateway will use it; without a final /.
+
+    ``dns+http://name:port`` names every address the name resolves to (a Kubernetes headless
+    Service, say); its port must be given.
+    """
+    dns = url.startswith(DNS_SCHEMES)
+    plain = url.removeprefix("dns+")
+    if not plain.startswith(("http://", "https://")):
+        raise ValueError(f"the URL of {name!r} must start with http://, https:// or dns+http://, "
+                         f"got {url!r}")
+    parts = urlsplit(plain)
     try:
         port = parts.port
     except ValueError:
@@ -51,7 +63,17 @@ def check_url(name: str, url: str) -> str:
         raise ValueError(f"the URL of {name!r} is not one URL with a host: {url!r}")
     if port == 0 or parts.query or parts.fragment:
         raise ValueError(f"the URL of {name!r} must be http(s)://host[:port][/path]: {url!r}")
+    if dns and port is None:
+        raise ValueError(f"the DNS name of {name!r} needs a port: {url!r}")
     return url.rstrip("/")
+
+
+def parse_replicas(name: str, value: str) -> tuple[str, ...]:
+    """One model's servers: ``url``, or several joined with ``|`` (a URL cannot hold one)."""
+    urls = tuple(check_url(name, u.strip()) for u in value.split("|"))
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"a server of {name!r} is given twice: {value!r}")
+    return urls
 
 
 class ModelPrice(NamedTuple):
@@ -86,8 +108,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
 
     database_url: str = "postgresql://postgres:postgres@localhost:5432/postgres"
-    model_service_port_map: Annotated[dict[str, str], NoDecode] = Field(
-        default_factory=lambda: {"facebook/opt-125m": "http://localhost:8000"}
+    # model → its servers (several vLLM replicas, or a DNS name that resolves to them)
+    model_service_port_map: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field(
+        default_factory=lambda: dict(_ORIGINAL_MODEL)
     )
     model_rewrites: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     webserver_host: str = "0.0.0.0"
@@ -108,6 +131,8 @@ class Settings(BaseSettings):
     # path checks the names against what it can meter (see proxy.endpoints).
     forwarded_endpoints: Annotated[tuple[str, ...] | None, NoDecode] = None
     max_n: int | None = Field(default=128, ge=1)  # the most choices one request may ask for
+    scrape_replica_load: bool = True  # read each replica's /metrics about once a second
+    prefix_affinity_chars: int = Field(default=0, ge=0)  # 0: off; else the prefix that is hashed
     max_tokens: int | None = Field(default=None, ge=1)  # the most tokens one may ask to generate
 
     usage_batch_size: int = Field(default=1000, ge=1, le=100_000)
@@ -153,10 +178,8 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_port_map(cls, value: object) -> object:
         if isinstance(value, str):
-            pairs = parse_pairs(value, "=", "name=url")
-            for name, url in pairs.items():
-                pairs[name] = check_url(name, url)
-            return pairs
+            return {name: parse_replicas(name, urls)
+                    for name, urls in parse_pairs(value, "=", "name=url[|url...]").items()}
         return value
 
     @field_validator("forwarded_endpoints", mode="before")

@@ -27,6 +27,7 @@ from inference_gateway.proxy.payload import Caps
 from inference_gateway.proxy.relay import Relay
 from inference_gateway.proxy.stored_responses import StoredResponses
 from inference_gateway.routing.router import Router
+from inference_gateway.routing.upkeep import Upkeep
 from inference_gateway.settings import Settings
 from inference_gateway.tenants.caches import TenantCaches
 
@@ -46,16 +47,18 @@ class Gateway:
 
     def __init__(self, settings: Settings, meter: Meter | None = None) -> None:
         self.settings = settings
-        self.router = Router(settings.model_service_port_map, settings.model_rewrites)
+        self.relay = Relay(settings.upstream_connect_timeout_sec, settings.upstream_timeout_sec,
+                           settings.upstream_max_connections)
+        self.router = Router(settings.model_service_port_map, settings.model_rewrites,
+                             on_retired=self.relay.retire)
+        self.upkeep = Upkeep(self.router, self.relay.fetch, scrape=settings.scrape_replica_load)
         self.meter = meter or Meter(settings)
         self.tenants = TenantCaches(settings)
         self.stored = StoredResponses(settings.database_url)
-        self.relay = Relay(self.router.upstreams(), settings.upstream_connect_timeout_sec,
-                           settings.upstream_timeout_sec, settings.upstream_max_connections)
         self.proxy = ProxyHandler(
             EndpointTable(settings.forwarded_endpoints), self.router, self.tenants, self.meter,
             self.relay, self.stored, Caps(settings.max_n, settings.max_tokens),
-            settings.max_request_body_bytes)
+            settings.max_request_body_bytes, settings.prefix_affinity_chars)
         self.ready = False
         self.started = int(time.time())
         self._models_body = orjson.dumps(
@@ -132,6 +135,8 @@ class Gateway:
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         await self.meter.start()
         await self.tenants.start()
+        await self.upkeep.refresh_sets()  # a model named by DNS has its replicas before serving
+        self.upkeep.start()
         readiness = asyncio.create_task(self._watch_readiness(), name="readiness")
         try:
             yield
@@ -140,6 +145,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await readiness
             await self.proxy.drain()
+            await self.upkeep.close()
             await self.tenants.close()
             await self.stored.close()
             self.relay.close()

@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
+import orjson
 from aiohttp import web
 
 from inference_gateway.errors import GatewayError
@@ -32,6 +33,7 @@ from inference_gateway.proxy.payload import Caps, Payload, parse, upstream_body
 from inference_gateway.proxy.relay import CLIENT_CLOSED, Exchange, Outcome, Relay
 from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.stored_responses import Owner, StoredResponses, not_found
+from inference_gateway.routing.replicas import Replica
 from inference_gateway.routing.router import Router
 from inference_gateway.tenants.caches import TenantCaches
 from inference_gateway.tenants.tenant import Tenant
@@ -55,7 +57,6 @@ class Context:
     endpoint: str
     streamed: bool
     bills: bool
-    upstream: str
     started: float  # monotonic
     started_at: float  # epoch
     payload: Payload | None
@@ -66,7 +67,7 @@ class ProxyHandler:
 
     def __init__(self, endpoints: EndpointTable, router: Router, tenants: TenantCaches,
                  meter: Meter, relay: Relay, stored: StoredResponses, caps: Caps,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, affinity_chars: int = 0) -> None:
         self.endpoints = endpoints
         self.router = router
         self.tenants = tenants
@@ -75,6 +76,7 @@ class ProxyHandler:
         self.stored = stored
         self.caps = caps
         self.max_body_bytes = max_body_bytes
+        self.affinity_chars = affinity_chars
         self._estimates: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -114,10 +116,11 @@ class ProxyHandler:
                                code="metering_unavailable")
         path = request.path
         query = request.rel_url.raw_query_string
+        targets: list[Replica]
         if response_id is not None:
             owner = await self._owned(response_id, tenant, "response_id")
             served = requested = owner.model
-            upstream = self._holder(owner)
+            targets = [self._holder(owner, response_id)]
             body = await self._read_body(request) if request.method == "POST" else b""
             payload = None
         else:
@@ -127,21 +130,34 @@ class ProxyHandler:
             if route is None:
                 raise GatewayError(404, f"The model `{payload.model}` does not exist.",
                                    param="model", code="model_not_found")
-            served, requested, upstream = route.served_model, payload.model, route.upstream
+            served, requested = route.served_model, payload.model
             if payload.previous_response_id is not None:
                 owner = await self._owned(payload.previous_response_id, tenant,
                                           "previous_response_id")
-                upstream = self._holder(owner)
+                targets = [self._holder(owner, payload.previous_response_id)]
+            else:
+                targets = route.replicas.candidates(self._affinity(payload))
+                if not targets:
+                    raise GatewayError(503, f"no server of the model `{served}` is available "
+                                       "right now; retry later", code="model_unavailable")
             body = upstream_body(raw, endpoint, payload, served)
         streamed = payload is not None and payload.stream
         exchange = Exchange(
-            method=request.method, upstream=upstream, path=f"{path}?{query}" if query else path,
+            method=request.method, targets=targets, path=f"{path}?{query}" if query else path,
             body=body, shape=endpoint.shape, bills=endpoint.bills, dialect=endpoint.dialect,
             reader=self._reader(endpoint, payload) if streamed else None,
         )
         context = Context(request_id, tenant, served, requested, path, streamed,
-                          endpoint.bills, upstream, started, started_at, payload)
+                          endpoint.bills, started, started_at, payload)
         return exchange, context
+
+    def _affinity(self, payload: Payload) -> bytes | None:
+        """The prompt's first characters, to send requests that share them to one replica."""
+        if not self.affinity_chars:
+            return None
+        fields = payload.fields
+        prompt = fields.get("messages") or fields.get("input") or fields.get("prompt")
+        return orjson.dumps(prompt)[:self.affinity_chars] if prompt else None
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.max_body_bytes
@@ -160,15 +176,15 @@ class ProxyHandler:
             raise not_found(response_id, param)
         return owner
 
-    def _holder(self, owner: Owner) -> str:
-        """The model server that holds a stored response (while it is still configured)."""
-        if owner.replica is not None and owner.replica in self.relay.pools:
-            return owner.replica
-        route = self.router.resolve(owner.model)
-        if route is None:
-            raise GatewayError(404, f"The model `{owner.model}` is no longer served.",
-                               param="model", code="model_not_found")
-        return route.upstream
+    def _holder(self, owner: Owner, response_id: str) -> Replica:
+        """The replica that holds a stored response: only it has it."""
+        replica = self.router.find(owner.replica) if owner.replica else None
+        if replica is None or replica.draining:
+            raise not_found(response_id, "response_id")  # its server is gone, and it with it
+        if not replica.available(time.monotonic()):
+            raise GatewayError(503, "the server that holds this response is not available "
+                               "right now; retry later", code="model_unavailable")
+        return replica
 
     @staticmethod
     def _reader(endpoint: Endpoint, payload: Payload | None) -> StreamFilter | EventStream:
@@ -186,9 +202,10 @@ class ProxyHandler:
         reader = outcome.reader
         if context.endpoint == "/v1/responses" and record.upstream_id and record.status == 200:
             self.stored.remember(record.upstream_id, Owner(context.tenant, context.served_model,
-                                                          context.upstream))
+                                                          outcome.replica))
         if isinstance(reader, EventStream) and context.bills and not outcome.final:
-            task = asyncio.get_running_loop().create_task(self._estimate(record, reader, context))
+            task = asyncio.get_running_loop().create_task(
+                self._estimate(record, reader, context, outcome.replica or ""))
             self._estimates.add(task)
             task.add_done_callback(self._estimates.discard)
             return
@@ -216,14 +233,14 @@ class ProxyHandler:
             completed_at=time.time(),
             cached_tokens=usage.cached_tokens,
             upstream_id=outcome.upstream_id,
-            replica=context.upstream,
+            replica=outcome.replica,
             api_key_id=context.tenant.key_id,
         )
 
-    async def _estimate(self, record: UsageRecord, reader: EventStream,
-                        context: Context) -> None:
+    async def _estimate(self, record: UsageRecord, reader: EventStream, context: Context,
+                        replica: str) -> None:
         """Bill a stream that ended without its usage for what it relayed (see ``tokenize``)."""
-        pool = self.relay.pools[context.upstream]
+        pool = self.relay.pool(replica)
         prompt: int | None = record.prompt_tokens
         if reader.usage is None and context.payload is not None:  # a Responses stream
             prompt = await tokenize.count_messages(

@@ -1,17 +1,23 @@
 """Moves bytes between the client and the model server, and reports what it saw, once.
 
 The relay knows nothing of tenants or databases. It fills one ``Outcome`` (status, usage,
-timings, whether the client went away) and hands it to the caller's callback exactly once:
-before the client has the last byte of a complete answer, or as the request ends in any other
-way (an error, the client hanging up, the task being cancelled).
+timings, whether the client went away, the replica that answered) and hands it to the caller's
+callback exactly once: before the client has the last byte of a complete answer, or as the
+request ends in any other way (an error, the client hanging up, the task being cancelled).
+
+It is given the replicas to try, best first. A request that failed before any byte came back
+(the connection refused or reset, or a 503) is sent once more, to the next replica: nothing
+was generated, so nothing is generated or billed twice. Each replica hears how its request
+ended, which is how the router ejects one that fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
@@ -33,6 +39,17 @@ _REQUEST_HEADERS = [("Content-Type", "application/json"), ("Accept-Encoding", "i
 CLIENT_CLOSED = 499  # as nginx logs a request whose client went away before the answer
 
 StreamReader = StreamFilter | EventStream
+RETRY_STATUSES = frozenset({503})  # a replica that is busy or draining: another may serve
+
+
+class Target(Protocol):
+    """A replica to send to; it hears when a request starts and how it ended."""
+
+    url: str
+
+    def start(self) -> None: ...
+
+    def finish(self, failure: str | None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +57,7 @@ class Exchange:
     """One request to forward, as the handler prepared it."""
 
     method: str
-    upstream: str  # the model server's base URL
+    targets: Sequence[Target]  # the replicas to try, best first (one retry at most)
     path: str  # path and query string
     body: bytes
     shape: Shape  # how usage reads in the answer
@@ -60,6 +77,7 @@ class Outcome:
     first_byte_at: float | None = None  # monotonic time the upstream's answer began
     upstream_id: str | None = None
     reader: StreamReader | None = None  # of a streamed answer: what was relayed
+    replica: str | None = None  # the replica that answered (or was tried last)
 
 
 def _copy_headers(upstream: Response, extra: dict[str, str]) -> list[tuple[str, str]]:
@@ -82,13 +100,38 @@ def _passthrough(shape: Shape) -> StreamReader:
 class Relay:
     """One pool of keep-alive connections per model server, shared by a process's requests."""
 
-    def __init__(self, upstreams: Iterable[str], connect_timeout: float, read_timeout: float,
+    def __init__(self, connect_timeout: float, read_timeout: float,
                  max_idle: int = 1000) -> None:
-        self.pools = {
-            url: Pool(url, connect_timeout, read_timeout, max_idle) for url in upstreams
-        }
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_idle = max_idle
+        self.pools: dict[str, Pool] = {}
         # What each server appends to a stream's usage chunk (see StreamFilter's trailer).
         self.trailers: dict[str, bytes] = {}
+
+    def pool(self, url: str) -> Pool:
+        """The keep-alive connections to one replica, opened on first use."""
+        pool = self.pools.get(url)
+        if pool is None:
+            pool = self.pools[url] = Pool(url, self._connect_timeout, self._read_timeout,
+                                          self._max_idle)
+        return pool
+
+    def retire(self, url: str) -> None:
+        """A replica is gone for good: close its connections."""
+        pool = self.pools.pop(url, None)
+        if pool is not None:
+            pool.close()
+        self.trailers.pop(url, None)
+
+    async def fetch(self, url: str, path: str, within: float) -> tuple[int, bytes]:
+        """A GET for the router's probes (``/health``, ``/metrics``); raises when unreachable."""
+        try:
+            async with asyncio.timeout(within):
+                answer = await self.pool(url).request("GET", path, b"", [])
+                return answer.status, await answer.read()
+        except UpstreamError as exc:
+            raise OSError(str(exc)) from None
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -100,11 +143,14 @@ class Relay:
         """Send the exchange upstream and relay the answer; ``done`` gets the outcome once."""
         outcome = Outcome()
         reported = False
+        serving: list[tuple[Target, str | None]] = []  # the replica answering, how it failed
 
         def report() -> None:
             nonlocal reported
             if not reported:
                 reported = True
+                for target, failure in serving:
+                    target.finish(failure)
                 reader = outcome.reader
                 if reader is not None:
                     outcome.upstream_id = reader.upstream_id
@@ -113,21 +159,52 @@ class Relay:
                 done(outcome)
 
         try:
-            return await self._forward(request, exchange, outcome, response_headers, report)
+            return await self._forward(request, exchange, outcome, response_headers, report,
+                                       serving)
         except asyncio.CancelledError:
             outcome.disconnected = True  # the client went away; the upstream was closed
             raise
         finally:
             report()
 
+    async def _send(self, exchange: Exchange, outcome: Outcome,
+                    serving: list[tuple[Target, str | None]]) -> Response | UpstreamError:
+        """The answer's head from the first replica that gives one (trying two at most)."""
+        targets = exchange.targets[:2]
+        for i, target in enumerate(targets):
+            last = i == len(targets) - 1
+            target.start()
+            serving[:] = [(target, None)]
+            outcome.replica = target.url
+            try:
+                answer = await self.pool(target.url).request(
+                    exchange.method, exchange.path, exchange.body, _REQUEST_HEADERS)
+            except UpstreamTimeout as exc:  # it may be generating: never sent again
+                return exc
+            except UpstreamError as exc:  # refused or reset before any byte: safe to resend
+                serving[:] = [(target, "unreachable")]
+                if last:
+                    return exc
+                serving.clear()
+                target.finish("unreachable")
+                continue
+            if answer.status >= 500:
+                serving[:] = [(target, f"status {answer.status}")]
+                if answer.status in RETRY_STATUSES and not last:
+                    answer.release()
+                    serving.clear()
+                    target.finish(f"status {answer.status}")
+                    continue
+            return answer
+        raise AssertionError("no replica to send to")  # the handler checks there is one
+
     async def _forward(self, request: web.Request, exchange: Exchange, outcome: Outcome,
-                       response_headers: dict[str, str],
-                       report: Callable[[], None]) -> web.StreamResponse:
-        try:
-            answer = await self.pools[exchange.upstream].request(
-                exchange.method, exchange.path, exchange.body, _REQUEST_HEADERS)
-        except UpstreamError as exc:
-            return self._error(exc, exchange, outcome, response_headers)
+                       response_headers: dict[str, str], report: Callable[[], None],
+                       serving: list[tuple[Target, str | None]]) -> web.StreamResponse:
+        sent = await self._send(exchange, outcome, serving)
+        if isinstance(sent, UpstreamError):
+            return self._error(sent, exchange, outcome, response_headers)
+        answer = sent
         outcome.first_byte_at = time.monotonic()
         try:
             if answer.status == 200 and answer.content_type == "text/event-stream":
@@ -169,8 +246,9 @@ class Relay:
                       response_headers: dict[str, str],
                       report: Callable[[], None]) -> web.StreamResponse:
         outcome.status = answer.status
+        upstream = outcome.replica or ""
         if isinstance(reader, StreamFilter):
-            reader.trailer = self.trailers.get(exchange.upstream)
+            reader.trailer = self.trailers.get(upstream)
         response = web.StreamResponse(status=answer.status,
                                       headers=_copy_headers(answer, response_headers))
         try:
@@ -200,5 +278,5 @@ class Relay:
             outcome.disconnected = True
         finally:
             if isinstance(reader, StreamFilter) and reader.learned is not None:
-                self.trailers[exchange.upstream] = reader.learned
+                self.trailers[upstream] = reader.learned
         return response

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
 
+from inference_gateway.background import stop
 from inference_gateway.settings import Settings
 from inference_gateway.tenants.identity import identify
 from inference_gateway.tenants.keys import KeyRing
@@ -68,11 +69,7 @@ class TenantCaches:
             ))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(self._tasks)
         self._tasks.clear()
         pool, self._pool = self._pool, None
         if pool is not None:

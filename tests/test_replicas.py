@@ -1,0 +1,102 @@
+"""Several simulator replicas behind one model name: how the gateway shares the load."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+
+from harness import Proc, start_gateway, start_simulator, wait_rows
+
+MODEL = "facebook/opt-125m"
+CONNECTIONS = 32
+
+
+async def _load(gateway: Proc, tenant: tuple[str, str], requests: int,
+                body: dict[str, object]) -> list[str]:
+    """``requests`` requests over ``CONNECTIONS`` connections; their request ids."""
+    ids: list[str] = []
+    queue = iter(range(requests))
+    headers = {"X-TEMBO-ORG": tenant[0], "X-TEMBO-INSTANCE": tenant[1]}
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        for _ in queue:
+            async with session.post(f"{gateway.url}/v1/chat/completions", json=body,
+                                    headers=headers) as response:
+                assert response.status == 200, await response.text()
+                await response.read()
+                ids.append(response.headers["X-Request-Id"])
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(client(session) for _ in range(CONNECTIONS)))
+    return ids
+
+
+async def _shares(database_url: str, tenant: tuple[str, str], count: int) -> Counter[str]:
+    rows = await wait_rows(database_url, "organization_id = $1", (tenant[0],), count)
+    assert len(rows) == count
+    return Counter(r["replica"] for r in rows)
+
+
+def _stack(tmp: Path, database_url: str, tpot_ms: list[float]) -> tuple[Proc, list[Proc]]:
+    sims = [start_simulator(tmp, "--model", MODEL, "--tpot-ms", str(t), "--ttft-ms", str(t))
+            for t in tpot_ms]
+    urls = "|".join(s.url for s in sims)
+    gateway = start_gateway(tmp, database_url, sims[0].url,
+                            MODEL_SERVICE_PORT_MAP=f"{MODEL}={urls}")
+    return gateway, sims
+
+
+BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_a_slow_replica_gets_less(session_tmp: Path, database_url: str,
+                                        tenant: tuple[str, str]) -> None:
+    gateway, sims = _stack(session_tmp, database_url, [5, 5, 20])  # the third is 4x slower
+    try:
+        ids = await _load(gateway, tenant, 600, BODY)
+        shares = await _shares(database_url, tenant, len(ids))
+    finally:
+        gateway.stop()
+        for sim in sims:
+            sim.stop()
+    fast = [shares[sims[0].url], shares[sims[1].url]]
+    slow = shares[sims[2].url]
+    assert sum(shares.values()) == 600 and slow > 0, shares
+    assert slow <= min(fast) / 3, shares
+
+
+async def test_equal_replicas_get_equal_shares(session_tmp: Path, database_url: str,
+                                               tenant: tuple[str, str]) -> None:
+    gateway, sims = _stack(session_tmp, database_url, [5, 5, 5])
+    try:
+        ids = await _load(gateway, tenant, 900, BODY)
+        shares = await _shares(database_url, tenant, len(ids))
+    finally:
+        gateway.stop()
+        for sim in sims:
+            sim.stop()
+    counts = [shares[s.url] for s in sims]
+    assert max(counts) <= min(counts) * 1.10, shares
+
+
+async def test_a_busy_replica_is_skipped_and_the_request_served_once(
+    session_tmp: Path, database_url: str, tenant: tuple[str, str]
+) -> None:
+    """A replica that answers 503 (busy, draining) before any byte: the request goes to the
+    other one, is generated once and stored once, and the busy one is left alone for a while."""
+    gateway, sims = _stack(session_tmp, database_url, [0, 0])
+    busy, other = sims
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{busy.url}/simulate/faults", json={"status": 503}) as r:
+                assert r.status == 200
+            ids = await _load(gateway, tenant, 40, BODY)
+        shares = await _shares(database_url, tenant, len(ids))
+        assert shares == Counter({other.url: 40}), shares
+    finally:
+        gateway.stop()
+        for sim in sims:
+            sim.stop()
