@@ -19,6 +19,9 @@ import pytest
 from harness import Proc, start_gateway, wait_rows
 
 REFRESH_SEC = 0.5
+# How long to wait for a reload to show, before failing. How soon it shows is the reload
+# interval's business: tests/test_tenancy.py::test_each_cache_is_reloaded_every_its_own_interval.
+DEADLINE_SEC = 20.0
 
 
 def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -75,7 +78,7 @@ def keys_only(session_tmp: Path, database_url: str, simulator: Proc) -> Iterator
     proc.stop()
 
 
-def wait_usable(client: openai.OpenAI, within: float = REFRESH_SEC + 3) -> None:
+def wait_usable(client: openai.OpenAI, within: float = DEADLINE_SEC) -> None:
     """A new key works once the gateway's next reload has seen it."""
     deadline = time.monotonic() + within
     while True:
@@ -97,6 +100,7 @@ def test_key_alone_names_the_tenant(
     response = chat(client)
     assert response.usage is not None
     rows = asyncio.run(wait_rows(database_url, "organization_id = $1", (org,), 2))
+    assert len(rows) == 2  # the request that found the key usable, and this one
     assert {(r["organization_id"], r["instance_id"]) for r in rows} == {(org, inst)}
     assert rows[-1]["completion_tokens"] == response.usage.completion_tokens
 
@@ -111,7 +115,7 @@ def test_key_is_stored_hashed_and_last_use_is_recorded(
     assert key not in {str(v) for v in dict(row).values()}
     assert row["last_used_at"] is None and row["revoked_at"] is None
     wait_usable(sdk(either, key))
-    deadline = time.monotonic() + REFRESH_SEC + 3
+    deadline = time.monotonic() + DEADLINE_SEC
     while (row := fetchrow(database_url, "SELECT last_used_at FROM inference.api_keys "
                            "WHERE prefix = $1", key[:12]))["last_used_at"] is None:  # type: ignore[index]
         assert time.monotonic() < deadline, "last_used_at was never written"
@@ -120,7 +124,7 @@ def test_key_is_stored_hashed_and_last_use_is_recorded(
     assert key[:12] in listing and key not in listing
 
 
-def test_revoked_key_401_within_one_interval(
+def test_revoked_key_gets_401(
     either: Proc, database_url: str, tenant: tuple[str, str]
 ) -> None:
     key = create_key(database_url, *tenant)
@@ -128,16 +132,15 @@ def test_revoked_key_401_within_one_interval(
     wait_usable(client)
     revoke = cli(database_url, "keys", "revoke", key[:12])
     assert revoke.returncode == 0, revoke.stderr
-    t0 = time.monotonic()
+    deadline = time.monotonic() + DEADLINE_SEC
     while True:
         try:
             chat(client)
         except openai.AuthenticationError as err:
             assert err.code == "invalid_api_key"
             break
-        assert time.monotonic() - t0 < REFRESH_SEC + 2, "the revoked key still works"
+        assert time.monotonic() < deadline, "the revoked key still works"
         time.sleep(0.05)
-    assert time.monotonic() - t0 <= REFRESH_SEC + 1
     assert cli(database_url, "keys", "revoke", key[:12]).returncode == 1  # already revoked
     listing = cli(database_url, "keys", "list", "--org", tenant[0]).stdout
     line = next(line for line in listing.splitlines() if line.startswith(key[:12]))
