@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from harness import Proc, start_gateway, start_simulator, wait_rows
 
@@ -96,6 +97,46 @@ async def test_a_busy_replica_is_skipped_and_the_request_served_once(
             ids = await _load(gateway, tenant, 40, BODY)
         shares = await _shares(database_url, tenant, len(ids))
         assert shares == Counter({other.url: 40}), shares
+    finally:
+        gateway.stop()
+        for sim in sims:
+            sim.stop()
+
+
+def test_operators_see_the_replicas(session_tmp: Path, database_url: str) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    token = "t" * 40
+    sims = [start_simulator(session_tmp, "--model", MODEL) for _ in range(2)]
+    urls = "|".join(s.url for s in sims)
+    gateway = start_gateway(session_tmp, database_url, sims[0].url, ADMIN_TOKEN=token,
+                            MODEL_SERVICE_PORT_MAP=f"{MODEL}={urls}")
+
+    def command() -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "inference_gateway", "replicas", "--url", gateway.url],
+            env={**os.environ, "ADMIN_TOKEN": token}, capture_output=True, text=True,
+            timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{gateway.url}/status/replicas")
+        assert refused.value.code == 401
+        table = command()
+        assert all(f"{s.url}  up" in table for s in sims), table
+        sims[1].stop()
+        deadline = time.monotonic() + 10
+        while f"{sims[1].url}  down" not in (table := command()):
+            assert time.monotonic() < deadline, table
+            time.sleep(0.2)
+        assert f"{sims[0].url}  up" in table
     finally:
         gateway.stop()
         for sim in sims:

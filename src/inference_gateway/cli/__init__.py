@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a vLLM-compatible simulator for tests and benches")
     add_arguments(sim)
     sim.set_defaults(handler=commands.simulate)
+    replicas = sub.add_parser("replicas", help="the model servers of a running gateway and "
+                              "their state (ADMIN_TOKEN, or from the same host)")
+    replicas.add_argument("--url", help="the gateway (default: this host's WEBSERVER_PORT)")
+    replicas.set_defaults(handler=commands.replicas)
     spool = sub.add_parser("spool", help="inspect the local usage spool")
     spool_sub = spool.add_subparsers(dest="spool_command", required=True, metavar="COMMAND")
     spool_sub.add_parser("status", help="pending records, bytes, age, dead letters").set_defaults(

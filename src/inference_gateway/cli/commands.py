@@ -79,6 +79,36 @@ def spool_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def replicas(args: argparse.Namespace, settings: Settings) -> int:
+    """The replica sets of a running gateway, as one of its worker processes sees them."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from inference_gateway.portal.tables import text_table
+
+    url = args.url or f"http://127.0.0.1:{settings.webserver_port}"
+    request = urllib.request.Request(f"{url}/status/replicas")
+    if settings.admin_token:
+        request.add_header("Authorization", f"Bearer {settings.admin_token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return _fail(f"{url} answered {exc.code}: {exc.read().decode(errors='replace')}", 1)
+    except OSError as exc:
+        return _fail(f"no gateway answers at {url}: {exc}", 1)
+    rows = [(model, r["url"], r["state"], r["in_flight"], r["load"], r["running"],
+             r["waiting"], f"{r['kv_cache_usage']:.0%}", r["served"], r["errors"])
+            for model, replica_list in status["models"].items() for r in replica_list]
+    print("\n".join(text_table(
+        ("model", "replica", "state", "in flight", "load", "running", "waiting", "kv cache",
+         "served", "errors"), rows, right=range(3, 10))))
+    for model, names in status["dns"].items():
+        print(f"{model}: replicas from {', '.join(names)}")
+    return 0
+
+
 # -- tenants ------------------------------------------------------------------------------------
 
 

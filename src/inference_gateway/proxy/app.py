@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,9 +28,11 @@ from inference_gateway.proxy.payload import Caps
 from inference_gateway.proxy.relay import Relay
 from inference_gateway.proxy.stored_responses import StoredResponses
 from inference_gateway.routing.router import Router
+from inference_gateway.routing.status import describe
 from inference_gateway.routing.upkeep import Upkeep
 from inference_gateway.settings import Settings
 from inference_gateway.tenants.caches import TenantCaches
+from inference_gateway.tenants.identity import bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,19 @@ class Gateway:
     async def lively(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
+    async def replicas(self, request: web.Request) -> web.Response:
+        """The replica sets as this process sees them: for the admin credential, or for a
+        client on this host when there is none."""
+        token = self.settings.admin_token
+        if token is not None:
+            if not hmac.compare_digest(bearer_token(request.headers) or "", token):
+                return error_response(401, "the admin token is required", code="invalid_api_key")
+        elif request.remote not in ("127.0.0.1", "::1"):
+            return error_response(403, "set ADMIN_TOKEN to read this from another host",
+                                  code="admin_only")
+        return web.Response(body=orjson.dumps(describe(self.router)),
+                            content_type="application/json")
+
     async def preflight(self, request: web.Request) -> web.Response:
         return web.Response(status=204, headers=PREFLIGHT_HEADERS)
 
@@ -166,6 +182,7 @@ def create_app(settings: Settings, meter: Meter | None = None) -> web.Applicatio
     app.router.add_route("OPTIONS", "/{tail:.*}", gateway.preflight)
     app.router.add_get("/ready", gateway.ready_probe)
     app.router.add_get("/lively", gateway.lively)
+    app.router.add_get("/status/replicas", gateway.replicas)
     app.router.add_route("*", "/{tail:.*}", gateway.not_found)
     return app
 
