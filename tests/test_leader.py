@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 
 import asyncpg
+import pytest
 
 from inference_gateway.db import leader
+
+from harness import free_port
 
 LOCK = 0x7E57_0001  # a key of this test's own
 
@@ -62,28 +64,48 @@ async def test_one_leads_and_another_takes_over(database_url: str) -> None:
         await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 10)
 
 
-async def test_a_failing_step_backs_off_and_keeps_the_lead(database_url: str) -> None:
-    calls: list[float] = []
+def note_waits(monkeypatch: pytest.MonkeyPatch, stop: asyncio.Event,
+               count: int) -> list[float]:
+    """The delays ``leader.run`` waits, noted instead of slept; after ``count`` of them it
+    waits for ``stop`` only."""
+    waits: list[float] = []
+
+    async def noting(event: asyncio.Event, seconds: float) -> bool:
+        waits.append(seconds)
+        if len(waits) >= count:
+            await stop.wait()
+        await asyncio.sleep(0)
+        return event.is_set()
+
+    monkeypatch.setattr(leader, "_wait", noting)
+    return waits
+
+
+async def test_a_failing_step_backs_off_and_keeps_the_lead(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids: list[int] = []
 
     async def step(conn: asyncpg.Connection) -> float:
-        calls.append(time.monotonic())
-        if len(calls) < 3:
+        pids.append(conn.get_server_pid())
+        if len(pids) < 3:
             raise RuntimeError("the sink is down")
         return 60.0
 
     stop = asyncio.Event()
+    waits = note_waits(monkeypatch, stop, 3)
     task = asyncio.create_task(
         leader.run(database_url, leader.LeaderJob("flaky", LOCK + 1, step), stop))
     try:
-        await _until(lambda: len(calls) >= 3)
-        gaps = [b - a for a, b in itertools.pairwise(calls)]
-        assert gaps[0] >= 0.9 and gaps[1] >= 1.9  # 1 s, then 2 s
+        await _until(lambda: len(waits) >= 3)
+        assert waits == [1.0, 2.0, 60.0]  # 1 s, then 2 s, then the step's own delay
+        assert len(pids) == 3 and len(set(pids)) == 1  # on the connection holding the lock
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
 
 
-async def test_no_connection_no_crash() -> None:
+async def test_no_connection_no_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = 0
 
     async def step(conn: asyncpg.Connection) -> float:
@@ -92,9 +114,13 @@ async def test_no_connection_no_crash() -> None:
         return 1.0
 
     stop = asyncio.Event()
-    task = asyncio.create_task(leader.run("postgresql://nobody@127.0.0.1:1/none",
+    waits = note_waits(monkeypatch, stop, 7)
+    task = asyncio.create_task(leader.run(f"postgresql://nobody@127.0.0.1:{free_port()}/none",
                                           leader.LeaderJob("nowhere", LOCK + 2, step), stop))
-    await asyncio.sleep(0.3)
-    assert not task.done() and calls == 0
-    stop.set()
-    await asyncio.wait_for(task, 5)
+    try:
+        await _until(lambda: len(waits) >= 7)
+        assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]  # doubling, up to a minute
+        assert not task.done() and calls == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
