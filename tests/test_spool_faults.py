@@ -215,20 +215,11 @@ def test_a_failed_append_leaves_the_segment_well_formed(
 # -- a corrupt acknowledgement ---------------------------------------------------------------
 
 
-NEGATIVE_ACK_BUG = (
-    "BUG spool.py read_ack: any text int() accepts is taken as the offset, so a corrupt ack "
-    "file reading '-1' sets read_pos to -1; Spool._read's os.pread then raises EINVAL on every "
-    "drain, which Meter._run takes for a Postgres failure and retries forever: nothing in that "
-    "segment or behind it (the process's own records) is ever written"
-)
-
-
 @pytest.mark.parametrize("ack", [
     pytest.param(b"not a number\n", id="garbage"),
     pytest.param(b"", id="empty"),
     pytest.param(b"\0" * 21, id="zeros"),
-    pytest.param(b"-%019d\n" % 1, id="negative",
-                 marks=pytest.mark.xfail(strict=True, reason=NEGATIVE_ACK_BUG)),
+    pytest.param(b"-%019d\n" % 1, id="negative"),
 ])
 async def test_a_corrupt_ack_replays_the_segment_and_each_record_is_stored_once(
     tmp_path: Path, database_url: str, ack: bytes
@@ -287,18 +278,6 @@ def test_a_record_of_exactly_the_size_limit_is_read_whole(tmp_path: Path) -> Non
     crash(spool)
 
 
-OVERSIZE_BUG = (
-    "BUG spool.py Spool._read (and Spool.append, which does not check MAX_RECORD_BYTES): a line "
-    "longer than MAX_RECORD_BYTES in the active segment raises RuntimeError on every read, "
-    "which Meter._run retries forever as if Postgres were down, so no record after it (nor "
-    "those read before it in the same drain) is written; once the segment is sealed "
-    "(rotation, or replay by the next process) the long line is taken for a torn tail and the "
-    "rest of the segment, every complete record after it, is skipped and acknowledged "
-    "unwritten"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=OVERSIZE_BUG)
 async def test_a_record_over_the_size_limit_does_not_stall_the_writer(tmp_path: Path) -> None:
     writer = MemoryWriter()
     meter = Meter(load_settings(spool_dir=tmp_path, usage_flush_interval_ms=10,
@@ -319,7 +298,6 @@ async def test_a_record_over_the_size_limit_does_not_stall_the_writer(tmp_path: 
     assert refused or meter.spool.stats.dead_letters == 1
 
 
-@pytest.mark.xfail(strict=True, reason=OVERSIZE_BUG)
 def test_a_record_over_the_size_limit_does_not_take_the_records_after_it(tmp_path: Path) -> None:
     spool = Spool(tmp_path, segment_bytes=4 << 20)
     spool.open()

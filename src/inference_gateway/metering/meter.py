@@ -74,7 +74,13 @@ class Meter:
             self.spool.stats.dropped += 1
             log.error("usage spool full: dropped the record of request %s", record.request_id)
             return
-        self.spool.append(record)
+        try:
+            self.spool.append(record)
+        except ValueError as exc:  # too long for the spool: kept where an operator sees it
+            log.error("usage record of request %s: %s; moved to the dead letters",
+                      record.request_id, exc)
+            self.spool.dead_letter(record.to_json(), str(exc))
+            return
         self._idle.clear()
         self._unsynced += 1
         if self._unsynced >= self._batch_size:
@@ -126,18 +132,24 @@ class Meter:
         backoff = 0.0
         last_scan = last_disk = time.monotonic()
         while not self._stopping:
+            woken = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff or DISK_CHECK_INTERVAL_SEC)
+                woken = True
             self._wake.clear()
-            self._unsynced = 0
             now = time.monotonic()
+            claimed = 0
             if now - last_scan >= ORPHAN_SCAN_INTERVAL_SEC:
                 last_scan = now
-                if self.spool.claim_orphans():
+                claimed = self.spool.claim_orphans()
+                if claimed:
                     self._idle.clear()
             if now - last_disk >= DISK_CHECK_INTERVAL_SEC:
                 last_disk = now
                 self._check_disk()
+            if not (woken or backoff or claimed):
+                continue  # an idle tick: what was spooled is written when its flush is due
+            self._unsynced = 0
             if self.settings.spool_sync == "batch":
                 await self._sync_spool()
             try:

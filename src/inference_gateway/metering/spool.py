@@ -52,10 +52,16 @@ def decode_line(line: bytes) -> bytes | None:
 
 
 def read_ack(segment: Path) -> int:
+    """How far a segment was acknowledged; 0 (replay it all) when the file says nothing sound.
+
+    A replay is harmless (the writer skips rows that are in Postgres already); an offset that
+    is not one would make every read of the segment fail.
+    """
     try:
-        return int(segment.with_suffix(ACK_SUFFIX).read_text().strip() or "0")
+        offset = int(segment.with_suffix(ACK_SUFFIX).read_text().strip() or "0")
     except (FileNotFoundError, ValueError):
         return 0
+    return max(offset, 0)
 
 
 def write_ack(segment: Segment, offset: int) -> None:
@@ -127,6 +133,9 @@ class Spool:
         if active is None:
             raise RuntimeError("spool is not open")
         line = encode_line(record.to_json())
+        if len(line) > MAX_RECORD_BYTES:  # the reader could not tell it from a torn tail
+            raise ValueError(f"a usage record of {len(line)} bytes is longer than the spool's "
+                             f"limit of {MAX_RECORD_BYTES}")
         written = os.write(active.fd, line)
         if written != len(line):  # disk full: cut the torn tail so the file stays well-formed
             os.ftruncate(active.fd, active.size)
