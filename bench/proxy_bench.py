@@ -245,11 +245,16 @@ def measure_target(run: Run, target: Target, min_duration: float = 0) -> dict[st
     return out
 
 
-def gateway_target(run: Run, backend: Service, workers: int) -> dict[str, Any]:
-    key = f"gateway_{workers}w"
-    label = f"gateway, {workers} worker{'s' if workers > 1 else ''}"
+def gateway_target(run: Run, backend: Service, workers: int,
+                   replicas: int = 1) -> dict[str, Any]:
+    key = f"gateway_{workers}w" + (f"_{replicas}r" if replicas > 1 else "")
+    label = f"gateway, {workers} worker{'s' if workers > 1 else ''}" + (
+        f", {replicas} replicas" if replicas > 1 else "")
+    # The backend listens on 127.0.0.1 to 127.0.0.3: the same server as distinct replicas.
+    urls = "|".join(backend.url.replace("127.0.0.1", f"127.0.0.{i + 1}")
+                    for i in range(replicas))
     gateway = run.keep(proxy_procs.start_gateway(run.tmp, key, run.database_url,
-                                                 {MODEL: backend.url}, workers))
+                                                 {MODEL: urls}, workers))
     try:
         out = measure_target(run, Target(key, label, gateway.url))
         instance = f"{key}-exact"
@@ -548,6 +553,17 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratio128 = gw128 / hop128 if gw128 and hop128 else None
     check("req/s gateway (2 workers) / nginx hop, c=128", _r(ratio128, 3), ">= 0.15",
           None if ratio128 is None else ratio128 >= 0.15, "x")
+    one, three = rps("gateway_2w", "json_c32"), rps("gateway_2w_3r", "json_c32")
+    cost = 1 - three / one if one and three else None
+    check("req/s lost to the balancer, three replicas against one, 2 workers, c=32",
+          _r(None if cost is None else cost * 100, 1), "<= 5", None if cost is None
+          else cost <= 0.05, "%")
+    c1_one = t.get("gateway_2w", {}).get("json_c1")
+    c1_three = t.get("gateway_2w_3r", {}).get("json_c1")
+    if c1_one and c1_three:
+        p50 = (c1_three["p50_us"] - c1_one["p50_us"]) / 1000
+        check("p50 added by the balancer at c=1, three replicas against one", _r(p50, 3),
+              "<= 0.05 ms", p50 <= 0.05, "ms")
     for workers in (1, 2):  # equal worker counts, equal windows
         mine, lite = rps(f"gateway_{workers}w", "json_c32"), rps(f"litellm_{workers}w", "json_c32")
         lratio = mine / lite if mine and lite else None
@@ -731,6 +747,9 @@ def main(argv: list[str]) -> int:
             targets[f"gateway_{workers}w"] = phase(
                 f"gateway, {workers} worker(s), metering on", run,
                 functools.partial(gateway_target, run, backend, workers))
+        targets["gateway_2w_3r"] = phase(
+            "gateway, 2 workers, three replicas of the backend", run,
+            functools.partial(gateway_target, run, backend, 2, 3))
         if opts.litellm:
             for workers in (1, 2):
                 targets[f"litellm_{workers}w"] = phase(
