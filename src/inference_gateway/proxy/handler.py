@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import orjson
 from aiohttp import web
@@ -62,12 +64,26 @@ class Context:
     payload: Payload | None
 
 
+class Observer(Protocol):
+    """What watches requests go by (metrics, logs): told of each one, never consulted.
+
+    Called on the request path, so an observer only counts: no I/O, nothing that waits.
+    """
+
+    def started(self) -> None: ...
+
+    def refused(self, path: str, error: GatewayError) -> None: ...
+
+    def finished(self, record: UsageRecord, outcome: Outcome) -> None: ...
+
+
 class ProxyHandler:
     """Forwards the allow-listed ``/v1`` endpoints and meters each request once."""
 
     def __init__(self, endpoints: EndpointTable, router: Router, tenants: TenantCaches,
                  meter: Meter, relay: Relay, stored: StoredResponses, caps: Caps,
-                 max_body_bytes: int, affinity_chars: int = 0) -> None:
+                 max_body_bytes: int, affinity_chars: int = 0,
+                 observers: Sequence[Observer] = ()) -> None:
         self.endpoints = endpoints
         self.router = router
         self.tenants = tenants
@@ -77,6 +93,7 @@ class ProxyHandler:
         self.caps = caps
         self.max_body_bytes = max_body_bytes
         self.affinity_chars = affinity_chars
+        self.observers = tuple(observers)
         self._estimates: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -84,9 +101,13 @@ class ProxyHandler:
         request_id = new_request_id()
         headers = {"X-Request-Id": request_id, **CORS_HEADERS}
         dialect = dialect_of(request.path)
+        for observer in self.observers:
+            observer.started()
         try:
             exchange, context = await self._prepare(request, request_id, started, started_at)
         except GatewayError as exc:
+            for observer in self.observers:
+                observer.refused(request.path, exc)
             return exc.response(headers, dialect)
 
         def done(outcome: Outcome) -> None:
@@ -205,11 +226,17 @@ class ProxyHandler:
                                                           outcome.replica))
         if isinstance(reader, EventStream) and context.bills and not outcome.final:
             task = asyncio.get_running_loop().create_task(
-                self._estimate(record, reader, context, outcome.replica or ""))
+                self._estimate(record, reader, context, outcome))
             self._estimates.add(task)
             task.add_done_callback(self._estimates.discard)
             return
+        self._submit(record, outcome)
+
+    def _submit(self, record: UsageRecord, outcome: Outcome) -> None:
+        """The finished record: to the spool first (it must not be lost), then the observers."""
         self.meter.submit(record)
+        for observer in self.observers:
+            observer.finished(record, outcome)
 
     @staticmethod
     def _record(context: Context, outcome: Outcome) -> UsageRecord:
@@ -238,9 +265,9 @@ class ProxyHandler:
         )
 
     async def _estimate(self, record: UsageRecord, reader: EventStream, context: Context,
-                        replica: str) -> None:
+                        outcome: Outcome) -> None:
         """Bill a stream that ended without its usage for what it relayed (see ``tokenize``)."""
-        pool = self.relay.pool(replica)
+        pool = self.relay.pool(outcome.replica or "")
         prompt: int | None = record.prompt_tokens
         if reader.usage is None and context.payload is not None:  # a Responses stream
             prompt = await tokenize.count_messages(
@@ -250,6 +277,6 @@ class ProxyHandler:
         if prompt is None or completion is None:
             log.warning("request %s: billed %d relayed events as tokens; the model server "
                         "could not count them", record.request_id, reader.deltas)
-        self.meter.submit(replace(record, prompt_tokens=prompt or record.prompt_tokens,
-                                  completion_tokens=reader.deltas if completion is None
-                                  else completion))
+        self._submit(replace(record, prompt_tokens=prompt or record.prompt_tokens,
+                             completion_tokens=reader.deltas if completion is None
+                             else completion), outcome)

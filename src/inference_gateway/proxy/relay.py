@@ -74,7 +74,10 @@ class Outcome:
     usage: Usage | None = None
     final: bool = False  # usage is the answer's own count, not what was relayed so far
     disconnected: bool = False
-    first_byte_at: float | None = None  # monotonic time the upstream's answer began
+    sent_at: float | None = None  # monotonic: the request was handed to the replica
+    first_byte_at: float | None = None  # the upstream's answer began
+    first_chunk_at: float | None = None  # a stream's first bytes were written to the client
+    upstream_done_at: float | None = None  # the upstream's answer ended
     upstream_id: str | None = None
     reader: StreamReader | None = None  # of a streamed answer: what was relayed
     replica: str | None = None  # the replica that answered (or was tried last)
@@ -176,6 +179,7 @@ class Relay:
             target.start()
             serving[:] = [(target, None)]
             outcome.replica = target.url
+            outcome.sent_at = time.monotonic()
             try:
                 answer = await self.pool(target.url).request(
                     exchange.method, exchange.path, exchange.body, _REQUEST_HEADERS)
@@ -216,6 +220,7 @@ class Relay:
                 data = await answer.read()
             except UpstreamError as exc:
                 return self._error(exc, exchange, outcome, response_headers)
+            outcome.upstream_done_at = time.monotonic()
             outcome.status = answer.status
             if answer.status < 300:
                 if exchange.bills:
@@ -257,6 +262,8 @@ class Relay:
                 async for chunk in answer.iter_chunks():
                     out = reader.feed(chunk)
                     if out:
+                        if outcome.first_chunk_at is None:
+                            outcome.first_chunk_at = time.monotonic()
                         await response.write(out)
                         if exchange.bills:  # what the client was sent, should it go away
                             outcome.usage = reader.usage
@@ -268,6 +275,7 @@ class Relay:
                 report()
                 await response.write_eof()
                 return response
+            outcome.upstream_done_at = time.monotonic()
             rest = reader.finish()
             if rest:
                 await response.write(rest)
