@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
@@ -36,21 +36,25 @@ async def conn(admin_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def rolled(conn: asyncpg.Connection, table: str) -> dict[tuple[object, ...], list[int]]:
-    """A rollup's rows, by key."""
-    rows = await conn.fetch(
-        f"SELECT organization_id, family, extract(epoch FROM bucket_start)::bigint AS at, "
-        f"instance_id, model, api_key_id, input_tokens, output_tokens, input_cached_tokens, "
-        f"num_model_requests FROM inference.usage_{table}")
-    return {tuple(r)[:6]: list(tuple(r)[6:]) for r in rows}
+    """A rollup's rows: its keys (times as Unix seconds), then its four sums."""
+    out: dict[tuple[object, ...], list[int]] = {}
+    for row in await conn.fetch(f"SELECT * FROM inference.{table}"):
+        values = [int(v.timestamp()) if isinstance(v, datetime) else v for v in row.values()]
+        out[tuple(values[:-4])] = values[-4:]
+    return out
 
 
-def summed(rows: list[Row], width: int) -> dict[tuple[object, ...], list[int]]:
-    """What a rollup of ``width`` seconds must hold for these rows."""
+def summed(rows: list[Row], width: int, by_model: bool = False
+           ) -> dict[tuple[object, ...], list[int]]:
+    """What a rollup of ``width`` seconds must hold for these rows: by organization, family,
+    bucket, instance, model and key, or (``by_model``) by family, bucket and model."""
     out: dict[tuple[object, ...], list[int]] = {}
     for r in rows:
         if r.family is None:
             continue
-        key = (r.org, r.family, r.at - r.at % width, r.instance, r.model, r.key_id or 0)
+        bucket = r.at - r.at % width
+        key = (r.family, bucket, r.model) if by_model else \
+            (r.org, r.family, bucket, r.instance, r.model, r.key_id or 0)
         sums = out.setdefault(key, [0, 0, 0, 0])
         for i, n in enumerate((r.prompt, r.completion, r.cached, 1)):
             sums[i] += n
@@ -58,8 +62,9 @@ def summed(rows: list[Row], width: int) -> dict[tuple[object, ...], list[int]]:
 
 
 async def check(conn: asyncpg.Connection, rows: list[Row]) -> None:
-    for table, width in (("minute", 60), ("hour", 3600), ("day", DAY)):
-        assert await rolled(conn, table) == summed(rows, width), table
+    for unit, width in (("minute", 60), ("hour", 3600), ("day", DAY)):
+        assert await rolled(conn, f"usage_{unit}") == summed(rows, width), unit
+        assert await rolled(conn, f"usage_model_{unit}") == summed(rows, width, True), unit
 
 
 def sample(now: int, count: int, spread: int = 3 * DAY) -> list[Row]:
@@ -100,7 +105,7 @@ async def test_late_rows_join_their_old_buckets(conn: asyncpg.Connection) -> Non
     [done] = await rollups.catch_up(conn, NO_MARGIN)
     assert done.rows == 30
     await check(conn, rows + late)
-    day = await rolled(conn, "day")
+    day = await rolled(conn, "usage_day")
     assert day[("org-1", "completions", day_before, "inst-0", "model-1", 0)] == \
         [3000, 1500, 750, 30]
 
@@ -158,7 +163,7 @@ async def test_the_job_runs_in_one_process_of_the_fleet(conn: asyncpg.Connection
         await insert(conn, rows)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if await rolled(conn, "day") == summed(rows, DAY):
+            if await rolled(conn, "usage_day") == summed(rows, DAY):
                 break
             await asyncio.sleep(0.1)
         await check(conn, rows)

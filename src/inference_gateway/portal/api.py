@@ -56,6 +56,8 @@ class UsageApi:
             self._pool = await asyncpg.create_pool(
                 self.settings.database_url, min_size=0, max_size=POOL_SIZE, timeout=5,
                 server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS),
+                                 # Compiling a plan costs more than running one of these.
+                                 "jit": "off",
                                  "application_name": "inference-gateway usage api"})
         return self._pool
 

@@ -2,7 +2,10 @@
 
 A range is read as whole days from ``usage_day``, the hours beside them from ``usage_hour`` and
 the minutes at its edges from ``usage_minute`` (see ``timegrid.cover``), each an index range
-scan. The rows ingested since the rollup job's watermark are added from ``inference.requests``
+scan. A query that neither groups nor filters by anything but the model (an operator's view of
+the fleet) reads the ``usage_model_*`` rollups instead: a few rows per bucket.
+
+The rows ingested since the rollup job's watermark are added from ``inference.requests``
 itself, so a request shows up within a second or two: that tail is found through the index on
 ``ingested_at`` and never reaches back more than ``USAGE_FRESH_TAIL_SEC``, so a stalled job
 makes answers late, never slow. One statement is one snapshot: the watermark, the rollups and
@@ -20,13 +23,28 @@ from inference_gateway.portal.params import Family
 from inference_gateway.portal.timegrid import DAY, HOUR, MINUTE, cover
 
 METRICS = ("input_tokens", "output_tokens", "input_cached_tokens", "num_model_requests")
-_TABLES = {DAY: "inference.usage_day", HOUR: "inference.usage_hour",
-           MINUTE: "inference.usage_minute"}
 _UNITS = {DAY: "day", HOUR: "hour", MINUTE: "minute"}
-_ROLLED = ("organization_id, instance_id, model, api_key_id, input_tokens, output_tokens, "
-           "input_cached_tokens, num_model_requests")
-_RAW = ("organization_id, instance_id, model, coalesce(api_key_id, 0), prompt_tokens, "
-        "completion_tokens, cached_tokens, 1")
+
+
+@dataclass(frozen=True, slots=True)
+class _Rollups:
+    """A set of rollups by minute, hour and day, and the columns it keeps."""
+
+    prefix: str
+    rolled: str  # its columns
+    raw: str  # the same, from inference.requests
+
+    def table(self, width: int) -> str:
+        return f"inference.{self.prefix}{_UNITS[width]}"
+
+
+_EVERYTHING = _Rollups(
+    "usage_",
+    "organization_id, instance_id, model, api_key_id, " + ", ".join(METRICS),
+    "organization_id, instance_id, model, coalesce(api_key_id, 0), prompt_tokens, "
+    "completion_tokens, cached_tokens, 1")
+_BY_MODEL = _Rollups("usage_model_", "model, " + ", ".join(METRICS),
+                     "model, prompt_tokens, completion_tokens, cached_tokens, 1")
 _TAIL = ("ingested_at >= (SELECT coalesce(ingested_until, '-infinity') "
          "FROM inference.usage_rollup_state) AND ingested_at > now() - {age}::interval")
 
@@ -76,18 +94,19 @@ def usage_sql(sel: Selection, tail: timedelta) -> tuple[str, list[object]]:
     arg = _Args()
     fam = arg(sel.family) if sel.family else None
     assert sel.width or sel.group_by, "a selection sums by bucket, by group or both"
+    rollups = _BY_MODEL if {*sel.group_by, *sel.filters} <= {"model"} else _EVERYTHING
     where = _conditions(sel, arg, f"family = {fam}" if fam else "")
     branches = []
     for piece in cover(sel.start, sel.end, sel.width or DAY):
         branches.append(
-            f"SELECT bucket_start AS at, {_ROLLED} FROM {_TABLES[piece.width]} "
+            f"SELECT bucket_start AS at, {rollups.rolled} FROM {rollups.table(piece.width)} "
             f"WHERE bucket_start >= {arg(_when(piece.start))} "
             f"AND bucket_start < {arg(_when(piece.end))}" + (f" AND {where}" if where else ""))
     if tail > timedelta(0):
         family = f"inference.usage_family(endpoint) = {fam}" if fam else \
             "inference.usage_family(endpoint) IS NOT NULL"
         branches.append(
-            f"SELECT completed_at AS at, {_RAW} FROM inference.requests "
+            f"SELECT completed_at AS at, {rollups.raw} FROM inference.requests "
             f"WHERE {_TAIL.format(age=arg(tail))} AND completed_at >= {arg(_when(sel.start))} "
             f"AND completed_at < {arg(_when(sel.end))} AND {_conditions(sel, arg, family)}")
     keys = list(sel.group_by)

@@ -2,7 +2,9 @@
 -- scans inference.requests. Three tables of the same shape, one row per minute, hour and UTC
 -- day and per organization, endpoint family, instance, model and API key, hold the sums of
 -- the audit table's rows. A query takes whole days where it can, hours next to them and
--- minutes at its edges, so a 30-day query reads about 30 rows per group.
+-- minutes at its edges, so a 30-day query reads about 30 rows per group. Three more, by
+-- family and model alone, answer an operator's view of the whole fleet (by model, or in
+-- total) from a few rows per bucket, however many organizations there are.
 --
 -- One process of the fleet keeps them up to date (portal/rollups.py): every few seconds it
 -- adds the rows ingested since its watermark, inference.usage_rollup_state.ingested_until,
@@ -45,6 +47,20 @@ CREATE INDEX usage_minute_family_idx ON inference.usage_minute (family, bucket_s
 CREATE TABLE inference.usage_hour (LIKE inference.usage_minute INCLUDING ALL);
 CREATE TABLE inference.usage_day (LIKE inference.usage_minute INCLUDING ALL);
 
+-- The same sums over every organization, instance and key.
+CREATE TABLE inference.usage_model_minute (
+    family              text        NOT NULL CHECK (family IN ('completions', 'embeddings')),
+    bucket_start        timestamptz NOT NULL,
+    model               text        NOT NULL,
+    input_tokens        bigint      NOT NULL,
+    output_tokens       bigint      NOT NULL,
+    input_cached_tokens bigint      NOT NULL,
+    num_model_requests  bigint      NOT NULL,
+    PRIMARY KEY (family, bucket_start, model)
+);
+CREATE TABLE inference.usage_model_hour (LIKE inference.usage_model_minute INCLUDING ALL);
+CREATE TABLE inference.usage_model_day (LIKE inference.usage_model_minute INCLUDING ALL);
+
 -- A single row: every row ingested before ingested_until is in the rollups. NULL before the
 -- first pass, which starts from the oldest row.
 CREATE TABLE inference.usage_rollup_state (
@@ -54,7 +70,7 @@ CREATE TABLE inference.usage_rollup_state (
 );
 INSERT INTO inference.usage_rollup_state DEFAULT VALUES;
 
--- Add the rows ingested in [p_from, p_until) to the three rollups; returns how many rows that
+-- Add the rows ingested in [p_from, p_until) to the six rollups; returns how many rows that
 -- was. p_from NULL: from the oldest. Call it in the transaction that moves the watermark.
 -- One statement: the rows are read and summed once, by minute, then added to each rollup. A
 -- pass holds at most 250,000 rows (portal/rollups.py): their sums are sorted in memory.
@@ -64,7 +80,7 @@ LANGUAGE plpgsql
 SET work_mem = '64MB'
 AS $$
 DECLARE
-    v_sql  text := $sql$
+    v_sql     text := $sql$
 WITH delta AS MATERIALIZED (
     SELECT r.organization_id, f.family, date_trunc('minute', r.completed_at, 'UTC') AS minute,
            r.instance_id, r.model, coalesce(r.api_key_id, 0) AS api_key_id,
@@ -78,23 +94,37 @@ WITH delta AS MATERIALIZED (
        AND f.family IS NOT NULL
      GROUP BY 1, 2, 3, 4, 5, 6
 )$sql$;
-    v_unit text;
-    v_rows bigint;
+    v_rollup  record;
+    v_unit    text;
+    v_columns text[];
+    v_rows    bigint;
 BEGIN
-    FOREACH v_unit IN ARRAY ARRAY['minute', 'hour', 'day'] LOOP
-        v_sql := v_sql || format($sql$,
-add_%1$s AS (
-    INSERT INTO inference.%2$I AS u
-    SELECT organization_id, family, date_trunc(%1$L, minute, 'UTC'), instance_id, model,
-           api_key_id, sum(input_tokens), sum(output_tokens), sum(input_cached_tokens),
+    FOR v_rollup IN SELECT * FROM (VALUES
+            ('usage_', ARRAY['organization_id', 'family', 'bucket_start', 'instance_id', 'model',
+                             'api_key_id']),
+            ('usage_model_', ARRAY['family', 'bucket_start', 'model'])) AS r (prefix, keys)
+    LOOP
+        FOREACH v_unit IN ARRAY ARRAY['minute', 'hour', 'day'] LOOP
+            -- The keys as the delta has them: its minute truncated to this rollup's unit.
+            v_columns := array_replace(v_rollup.keys, 'bucket_start',
+                                       format('date_trunc(%L, minute, %L)', v_unit, 'UTC'));
+            v_sql := v_sql || format($sql$,
+%1$I AS (
+    INSERT INTO inference.%1$I AS u
+           (%2$s, input_tokens, output_tokens, input_cached_tokens, num_model_requests)
+    SELECT %3$s, sum(input_tokens), sum(output_tokens), sum(input_cached_tokens),
            sum(num_model_requests)
-      FROM delta GROUP BY 1, 2, 3, 4, 5, 6
-    ON CONFLICT (organization_id, family, bucket_start, instance_id, model, api_key_id)
+      FROM delta GROUP BY %4$s
+    ON CONFLICT (%2$s)
     DO UPDATE SET input_tokens = u.input_tokens + EXCLUDED.input_tokens,
                   output_tokens = u.output_tokens + EXCLUDED.output_tokens,
                   input_cached_tokens = u.input_cached_tokens + EXCLUDED.input_cached_tokens,
                   num_model_requests = u.num_model_requests + EXCLUDED.num_model_requests
-)$sql$, v_unit, 'usage_' || v_unit);
+)$sql$, v_rollup.prefix || v_unit, array_to_string(v_rollup.keys, ', '),
+                array_to_string(v_columns, ', '),
+                (SELECT string_agg(i::text, ', ')
+                   FROM generate_series(1, cardinality(v_rollup.keys)) AS i));
+        END LOOP;
     END LOOP;
     EXECUTE v_sql || ' SELECT coalesce(sum(num_model_requests), 0)::bigint FROM delta'
        INTO v_rows USING p_from, p_until;
