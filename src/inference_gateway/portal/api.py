@@ -55,10 +55,13 @@ class UsageApi:
         if self._pool is None:
             self._pool = await asyncpg.create_pool(
                 self.settings.database_url, min_size=0, max_size=POOL_SIZE, timeout=5,
-                server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS),
-                                 # Compiling a plan costs more than running one of these.
-                                 "jit": "off",
-                                 "application_name": "inference-gateway usage api"})
+                server_settings={
+                    "statement_timeout": str(STATEMENT_TIMEOUT_MS),
+                    # Small, index-bound queries: compiling a plan or starting parallel workers
+                    # costs more than running one; an operator's sums by organization fit in
+                    # memory.
+                    "jit": "off", "max_parallel_workers_per_gather": "0", "work_mem": "32MB",
+                    "application_name": "inference-gateway usage api"})
         return self._pool
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
