@@ -86,6 +86,10 @@ class UsageApi:
                 log.warning("usage API: database unavailable: %s: %s", type(exc).__name__, exc)
                 return GatewayError(503, "Usage is unavailable: the database cannot be reached; "
                                     "retry later.", code="database_unavailable").response()
+            except Exception:  # a bug: the client still gets an error it can read
+                log.exception("usage API: %s %s failed", request.method, request.path)
+                return GatewayError(500, "The usage API failed; the gateway's log says why.",
+                                    code="internal_error").response()
             return web.Response(body=orjson.dumps(body), content_type="application/json",
                                 headers={"Cache-Control": "no-store"})
 
