@@ -16,8 +16,10 @@ bench_scaleout):
 Every layout runs at once (idle ones cost next to nothing) and they are measured in turn, round
 after round (3 by default), so that other work on the machine weighs on all of them alike; each
 layout's median round is reported. Measured with wrk (two threads) at c=32 and c=128 after a
-warm-up: 2xx responses per second and latency. Then every instance is stopped (it drains its
-spool) and the rows of each layout are counted against the 2xx responses wrk saw.
+warm-up: 2xx responses per second, latency, and the CPU time the gateways' processes (and
+HAProxy) spent per 2xx response, read from /proc, which other work on the machine disturbs far
+less than req/s. Then every instance is stopped (it drains its spool) and the rows of each layout
+are counted against the 2xx responses wrk saw.
 
 Writes bench/results/scaleout.json (--quick: .dev/bench/scaleout.json). The load generator,
 balancer, gateways, backend and Postgres all share this machine's cores: on two cores a second
@@ -114,6 +116,10 @@ class Stack:
     def url(self) -> str:
         return (self.balancer or self.gateways[0]).url + CHAT_PATH
 
+    def gateway_pids(self) -> list[int]:
+        """Every process of every instance: the ``serve`` process and its workers."""
+        return [pid for g in self.gateways for pid in (g.pid, *proxy_procs.children(g.pid))]
+
     def stop(self) -> None:
         if self.balancer is not None:
             self.balancer.stop()
@@ -136,24 +142,48 @@ def start_stack(layout: Layout, tmp: Path, database_url: str, backend: Service) 
     return stack
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def measure(stack: Stack, connections: int, org: str, duration: float, warmup: float,
             quiet_wait: float) -> dict[str, Any]:
+    """req/s and latency, and the CPU the gateways (and HAProxy) spent per 2xx response: the
+    CPU per response depends far less than req/s on what else the machine is doing."""
     busy = proxy_procs.wait_quiet(QUIET_BUSY, quiet_wait)
     tenant = {"X-TEMBO-ORG": org, "X-TEMBO-INSTANCE": f"{stack.layout.key}-c{connections}"}
     proxy_load.wrk(stack.url, BODY, {**tenant, "X-TEMBO-INSTANCE": "warmup"}, connections,
                    warmup)
+    pids = stack.gateway_pids()
+    balancer = [stack.balancer.pid] if stack.balancer is not None else []
+    before, before_lb = cpu_seconds(pids), cpu_seconds(balancer)
     result = proxy_load.wrk(stack.url, BODY, tenant, connections, duration)
+    gateway_us = (cpu_seconds(pids) - before) / max(result.ok, 1) * 1e6
+    balancer_us = (cpu_seconds(balancer) - before_lb) / max(result.ok, 1) * 1e6
     say(f"  {stack.layout.label:30} c={connections:<4} {result.rps:>9,.0f} req/s  "
         f"p50 {result.p50_us / 1000:.2f} ms  p99 {result.p99_us / 1000:.2f} ms  "
-        f"errors {result.errors}  other load {busy:.0%}")
-    return {**result.as_dict(), "other_load": round(busy, 3)}
+        f"gateway CPU {gateway_us:.0f} us/req  errors {result.errors}  other load {busy:.0%}")
+    return {**result.as_dict(), "other_load": round(busy, 3),
+            "gateway_cpu_us_per_request": round(gateway_us, 1),
+            "balancer_cpu_us_per_request": round(balancer_us, 1)}
 
 
 def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """The median round of one layout at one concurrency, and every round's numbers."""
     ordered = sorted(samples, key=lambda r: r["rps"])
     middle = ordered[len(ordered) // 2]
+    cpu = sorted(r["gateway_cpu_us_per_request"] for r in samples)[len(samples) // 2]
+    lb = sorted(r["balancer_cpu_us_per_request"] for r in samples)[len(samples) // 2]
     return {"rps": middle["rps"], "p50_us": middle["p50_us"], "p99_us": middle["p99_us"],
+            "gateway_cpu_us_per_request": cpu, "balancer_cpu_us_per_request": lb,
             "errors": sum(r["errors"] for r in samples), "ok": sum(r["ok"] for r in samples),
             "connections": middle["connections"], "rounds": samples}
 
@@ -234,6 +264,12 @@ def main(argv: list[str]) -> int:
                for c in CONCURRENCY}
     ratios |= {f"balancer_hop_c{c}": round(rps("one_1w", c) / rps("direct_1w", c), 3)
                for c in CONCURRENCY}
+
+    def cpu(key: str, c: int) -> float:
+        return float(layouts[key]["runs"][f"c{c}"]["gateway_cpu_us_per_request"])
+
+    ratios |= {f"gateway_cpu_per_request_two_instances_vs_one_c{c}":
+               round(cpu("two_1w", c) / cpu("one_1w", c), 3) for c in CONCURRENCY}
     results = {
         "run": {"started_by": "bench/scaleout_bench.py", "mode": "quick" if args.quick else "full",
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": duration,
@@ -252,7 +288,9 @@ def main(argv: list[str]) -> int:
         say(f"c={c}: two instances / one = {ratios[f'two_instances_vs_one_c{c}']:.2f} x; "
             f"two instances / one instance with two workers = "
             f"{ratios[f'two_instances_vs_two_workers_c{c}']:.2f} x; one instance through "
-            f"HAProxy / direct = {ratios[f'balancer_hop_c{c}']:.2f} x")
+            f"HAProxy / direct = {ratios[f'balancer_hop_c{c}']:.2f} x; gateway CPU per request, "
+            f"two instances / one = "
+            f"{ratios[f'gateway_cpu_per_request_two_instances_vs_one_c{c}']:.2f} x")
     consistent = all(m["consistent"] for m in checked.values())
     say(f"metering: rows against 2xx responses, every run: "
         f"{'consistent' if consistent else 'NOT consistent'}")
