@@ -26,7 +26,7 @@ from inference_gateway.billing.reporter import run_reporter
 from inference_gateway.billing.sinks import open_sink
 from inference_gateway.db import leader
 from inference_gateway.db.schedule import maintenance_job
-from inference_gateway.observability import malformed_requests
+from inference_gateway.observability import malformed_requests, shared
 from inference_gateway.portal.rollups import rollup_job
 from inference_gateway.proxy.app import create_app
 from inference_gateway.proxy.endpoints import check_forwarded
@@ -145,6 +145,8 @@ def serve(settings: Settings) -> int:
             asyncio.run(_prepare_database(settings))
         except Exception as exc:  # keep serving: usage is spooled until Postgres is back
             log.error("could not migrate the database at start-up: %s", exc)
+    if settings.metrics_enabled:  # counters start at zero with each run of the gateway
+        shared.clear(shared.directory(settings))
     if settings.webserver_workers == 1:
         run_worker(settings)
         return 0

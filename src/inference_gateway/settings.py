@@ -174,6 +174,16 @@ class Settings(BaseSettings):
         Field(default_factory=dict)
     price_currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
 
+    # Metrics, the access log and traces (see docs/metrics.md).
+    metrics_enabled: bool = True  # GET /metrics, and the request path's counters behind it
+    metrics_dir: Path | None = None  # where the workers share their numbers; SPOOL_DIR/metrics
+    metrics_max_orgs: int = Field(default=20, ge=0)  # organizations with a label; rest "other"
+    metrics_token: str | None = Field(default=None, min_length=16)  # bearer for /metrics
+    access_log: Literal["off", "json"] = "off"  # json: one line per request on stdout
+    otel_traces_exporter: Literal["none", "otlp"] = "none"  # otlp needs the [otel] extra
+    otel_exporter_otlp_endpoint: str = "http://localhost:4318"  # OTLP over HTTP
+    otel_service_name: str = "inference-gateway"
+
     @field_validator("model_service_port_map", mode="before")
     @classmethod
     def _parse_port_map(cls, value: object) -> object:

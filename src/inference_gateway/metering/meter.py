@@ -40,6 +40,7 @@ class MeterHealth:
     last_error: str | None = None
     written: int = 0
     failures: int = 0
+    batches: int = 0  # batches committed (one transaction of COPY statements each)
 
 
 class Meter:
@@ -229,6 +230,7 @@ class Meter:
                           record.request_id, reason)
                 self.spool.dead_letter(record.to_json(), reason)
             self.health.written += result.inserted
+            self.health.batches += 1
             self.health.database_ok = True
             self.health.last_error = None
         for batch in batches:

@@ -25,6 +25,7 @@ from pathlib import Path
 import orjson
 
 from inference_gateway.metering.record import UsageRecord
+from inference_gateway.metering.spool_lines import count_lines
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class SpoolStats:
     corrupt: int = 0  # lines whose checksum did not match
     dead_letters: int = 0
     dropped: int = 0  # records not spooled because the spool was full (policy "drop")
+    appended: int = 0  # records this process appended
+    replayed: int = 0  # records pending in the segments it claimed from dead processes
+    acknowledged: int = 0  # lines acknowledged (records and unreadable ones)
 
 
 class Spool:
@@ -141,6 +145,7 @@ class Spool:
             os.ftruncate(active.fd, active.size)
             raise OSError("short write to the usage spool")
         active.size += written
+        self.stats.appended += 1
         self._dirty = True
         if self.sync_always:
             os.fsync(active.fd)
@@ -202,6 +207,7 @@ class Spool:
             self._segments.insert(claimed, segment)
             claimed += 1
             if acked < size:
+                self.stats.replayed += count_lines(fd, acked, size)
                 log.info("spool: replaying %s (%d bytes pending)", path.name, size - acked)
         return claimed
 
@@ -262,6 +268,7 @@ class Spool:
         """Record that everything up to the batch's end is in Postgres; drop finished segments."""
         segment = batch.segment
         segment.acked = batch.end_offset
+        self.stats.acknowledged += len(batch.records) + len(batch.bad_lines)
         if not segment.active and segment.acked >= segment.size:
             self._remove(segment)
         else:
@@ -285,6 +292,10 @@ class Spool:
 
     def has_pending(self) -> bool:
         return any(s.acked < s.size for s in self._segments)
+
+    def oldest_pending(self) -> tuple[int, int, int] | None:
+        """Where the oldest unacknowledged record is: descriptor, offset, segment size."""
+        return next(((s.fd, s.acked, s.size) for s in self._segments if s.acked < s.size), None)
 
     def dead_letter(self, line: bytes, reason: str) -> None:
         """Set a record Postgres will never take aside, with the reason, and count it."""

@@ -21,6 +21,7 @@ from aiohttp import web
 from inference_gateway.db.migrate import pending_migrations
 from inference_gateway.errors import error_response
 from inference_gateway.metering.meter import Meter
+from inference_gateway.observability.setup import Observability
 from inference_gateway.portal import api as portal_api
 from inference_gateway.proxy.endpoints import EndpointTable, dialect_of, is_normal, not_normal
 from inference_gateway.proxy.handler import CORS_HEADERS, ProxyHandler
@@ -58,10 +59,13 @@ class Gateway:
         self.meter = meter or Meter(settings)
         self.tenants = TenantCaches(settings)
         self.stored = StoredResponses(settings.database_url)
+        self.observability = Observability(settings, self.router, self.upkeep, self.meter,
+                                           self.tenants)
         self.proxy = ProxyHandler(
             EndpointTable(settings.forwarded_endpoints), self.router, self.tenants, self.meter,
             self.relay, self.stored, Caps(settings.max_n, settings.max_tokens),
-            settings.max_request_body_bytes, settings.prefix_affinity_chars)
+            settings.max_request_body_bytes, settings.prefix_affinity_chars,
+            observers=self.observability.observers)
         self.ready = False
         self.started = int(time.time())
         self._models_body = orjson.dumps(
@@ -153,6 +157,7 @@ class Gateway:
         await self.tenants.start()
         await self.upkeep.refresh_sets()  # a model named by DNS has its replicas before serving
         self.upkeep.start()
+        await self.observability.start()
         readiness = asyncio.create_task(self._watch_readiness(), name="readiness")
         try:
             yield
@@ -166,6 +171,7 @@ class Gateway:
             await self.stored.close()
             self.relay.close()
             await self.meter.close()
+            await self.observability.close()  # after the meter: its last numbers
 
 
 def create_app(settings: Settings, meter: Meter | None = None) -> web.Application:
@@ -183,6 +189,7 @@ def create_app(settings: Settings, meter: Meter | None = None) -> web.Applicatio
     app.router.add_get("/ready", gateway.ready_probe)
     app.router.add_get("/lively", gateway.lively)
     app.router.add_get("/status/replicas", gateway.replicas)
+    app.router.add_get("/metrics", gateway.observability.page)
     app.router.add_route("*", "/{tail:.*}", gateway.not_found)
     return app
 

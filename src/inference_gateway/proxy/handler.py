@@ -31,7 +31,7 @@ from inference_gateway.proxy.endpoints import (
     not_normal,
 )
 from inference_gateway.proxy.event_streams import EventStream
-from inference_gateway.proxy.payload import Caps, Payload, parse, upstream_body
+from inference_gateway.proxy.payload import Caps, Payload, choices, parse, upstream_body
 from inference_gateway.proxy.relay import CLIENT_CLOSED, Exchange, Outcome, Relay
 from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.stored_responses import Owner, StoredResponses, not_found
@@ -109,6 +109,11 @@ class ProxyHandler:
             for observer in self.observers:
                 observer.refused(request.path, exc)
             return exc.response(headers, dialect)
+        except (asyncio.CancelledError, ConnectionError):  # the client left while it was read
+            gone = GatewayError(CLIENT_CLOSED, "the client went away", code="client_closed")
+            for observer in self.observers:
+                observer.refused(request.path, gone)
+            raise
 
         def done(outcome: Outcome) -> None:
             self._finish(context, outcome)
@@ -219,6 +224,8 @@ class ProxyHandler:
     # -- after the answer -----------------------------------------------------------------------
 
     def _finish(self, context: Context, outcome: Outcome) -> None:
+        if self.observers and context.payload is not None:
+            outcome.choices = choices(context.payload.fields)
         record = self._record(context, outcome)
         reader = outcome.reader
         if context.endpoint == "/v1/responses" and record.upstream_id and record.status == 200:

@@ -57,6 +57,12 @@ def _as_int(value: object) -> int | None:
     return None
 
 
+def choices(fields: dict[str, Any]) -> int:
+    """How many answers a request asks for (``n``): vLLM counts its prompt once for each."""
+    n = _as_int(fields.get("n"))
+    return n if n is not None and n > 1 else 1
+
+
 def _check_caps(fields: dict[str, Any], caps: Caps) -> None:
     top_k = _as_int(fields.get("top_k"))
     if top_k is not None and not -1 <= top_k <= MAX_TOP_K:

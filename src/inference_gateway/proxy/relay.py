@@ -81,6 +81,7 @@ class Outcome:
     upstream_id: str | None = None
     reader: StreamReader | None = None  # of a streamed answer: what was relayed
     replica: str | None = None  # the replica that answered (or was tried last)
+    choices: int = 1  # the request's n: vLLM counts the prompt once for each
 
 
 def _copy_headers(upstream: Response, extra: dict[str, str]) -> list[tuple[str, str]]:

@@ -3,7 +3,8 @@
 * Every ``HEALTH_INTERVAL_SEC`` each replica's ``/health`` is probed: a failure takes it out
   of rotation, a pass after a failure brings it back with a growing share (see ``replicas``).
 * Every ``SCRAPE_INTERVAL_SEC`` each replica's ``/metrics`` gives its running and waiting
-  requests and its KV cache use: the load the rest of the fleet puts on it.
+  requests and its KV cache use: the load the rest of the fleet puts on it; and its token
+  counters, which ``/metrics`` of the gateway sets beside the tokens it billed.
 * Every ``DNS_INTERVAL_SEC`` the DNS names are resolved again; replicas follow the addresses.
 * Drained replicas with no request left are retired.
 
@@ -32,30 +33,44 @@ PROBE_TIMEOUT_SEC = 2.0
 _RUNNING = "vllm:num_requests_running"
 _WAITING = "vllm:num_requests_waiting"
 _KV_CACHE = "vllm:kv_cache_usage_perc"
+_LOAD = (_RUNNING, _WAITING, _KV_CACHE)
+# Exactly these: vLLM also has vllm:prompt_tokens_cached_total and others of the same stem.
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+_WANTED = frozenset((*_LOAD, PROMPT_TOKENS, GENERATION_TOKENS))
 
 # (base URL, path, timeout) → (status, body); raises OSError or TimeoutError when unreachable.
 Fetch = Callable[[str, str, float], Awaitable[tuple[int, bytes]]]
 Resolve = Callable[[str, int], Awaitable[set[str]]]
 
 
-def read_load(text: bytes) -> tuple[float, float, float] | None:
-    """Running and waiting requests and KV cache use from a vLLM ``/metrics`` page."""
-    found = {_RUNNING: 0.0, _WAITING: 0.0, _KV_CACHE: 0.0}
-    seen = False
+def read_samples(text: bytes) -> dict[str, float]:
+    """The samples the router keeps from a vLLM ``/metrics`` page, each summed over its label
+    sets (one per engine); a name the page does not have is not in the result."""
+    found: dict[str, float] = {}
     for raw in text.splitlines():
         if not raw.startswith(b"vllm:"):
             continue
         line = raw.decode("utf-8", "replace")
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in found:
+        if name in _WANTED:
             try:
-                found[name] += float(line.rsplit(" ", 1)[1])
-                seen = True
+                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
             except (ValueError, IndexError):
                 continue
-    if not seen:
+    return found
+
+
+def _load(found: dict[str, float]) -> tuple[float, float, float] | None:
+    if not any(name in found for name in _LOAD):
         return None
-    return found[_RUNNING], found[_WAITING], min(max(found[_KV_CACHE], 0.0), 1.0)
+    return (found.get(_RUNNING, 0.0), found.get(_WAITING, 0.0),
+            min(max(found.get(_KV_CACHE, 0.0), 0.0), 1.0))
+
+
+def read_load(text: bytes) -> tuple[float, float, float] | None:
+    """Running and waiting requests and KV cache use from a vLLM ``/metrics`` page."""
+    return _load(read_samples(text))
 
 
 async def resolve_all(host: str, port: int) -> set[str]:
@@ -73,6 +88,8 @@ class Upkeep:
         self._resolve = resolve
         self._scrape = scrape
         self._tasks: list[asyncio.Task[None]] = []
+        # Each replica's vllm:prompt_tokens_total and vllm:generation_tokens_total, by URL.
+        self.vllm_tokens: dict[str, tuple[float, float]] = {}
 
     def start(self) -> None:
         loops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
@@ -128,7 +145,10 @@ class Upkeep:
             status, body = await self._fetch(replica.url, "/metrics", PROBE_TIMEOUT_SEC)
         except (OSError, TimeoutError):
             return
-        load = read_load(body) if status == 200 else None
+        found = read_samples(body) if status == 200 else {}
+        if PROMPT_TOKENS in found and GENERATION_TOKENS in found:
+            self.vllm_tokens[replica.url] = (found[PROMPT_TOKENS], found[GENERATION_TOKENS])
+        load = _load(found)
         if load is None:
             return
         replica.remote_running, replica.remote_waiting, replica.kv_cache = load
@@ -152,4 +172,5 @@ class Upkeep:
                     urls.add(f"{parts.scheme}://{host}:{parts.port}{parts.path.rstrip('/')}")
             self.router.discovered(model, urls)
         for url in self.router.retire_drained():
+            self.vllm_tokens.pop(url, None)
             log.info("replica %s is drained and retired", url)
