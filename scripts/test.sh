@@ -21,6 +21,19 @@ fi
 if [ -z "${TEST_DATABASE_URL:-}" ]; then
   scripts/dev-postgres.sh
 fi
+# The metrics tests scrape the gateway with a real Prometheus and check the alert rules with
+# promtool: both come with Debian's prometheus package.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "test: installing prometheus from Debian"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends prometheus >/dev/null
+  else
+    echo "test: prometheus is missing (need root to install it); the metrics tests that" \
+         "need it will be skipped" >&2
+  fi
+fi
 # The deployment tests build and run the gateway's image (podman, runc, debootstrap) and put two
 # gateways behind HAProxy.
 deploy_missing=()

@@ -164,10 +164,10 @@ def test_compose_runs_the_same_stack() -> None:
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"]
                for t in c["targets"]}
-    assert "vllm:8000" in targets
-    # The gateway's job is prepared, commented out until /metrics exists.
-    assert "#     - targets: [\"gateway:8080\"]" in (
-        ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    assert {"vllm:8000", "gateway:8080"} <= targets
+    assert prometheus["rule_files"] == ["alerts.yml"]
+    assert any(v.endswith(":/etc/prometheus/alerts.yml:ro")
+               for v in services["prometheus"]["volumes"])
 
 
 def test_requirements_lock_pins_every_runtime_dependency() -> None:

@@ -116,5 +116,5 @@ class Metrics:
         put(total, c.WORKERS, (), float(workers))
         if not total.get(c.OLDEST.name):
             put(total, c.OLDEST, (), now)  # nothing waits: an age of 0
-        await self.billing.read(total)
+        self.billing.read(total)
         return render(total, now)
