@@ -246,15 +246,17 @@ def measure_target(run: Run, target: Target, min_duration: float = 0) -> dict[st
 
 
 def gateway_target(run: Run, backend: Service, workers: int,
-                   replicas: int = 1) -> dict[str, Any]:
-    key = f"gateway_{workers}w" + (f"_{replicas}r" if replicas > 1 else "")
+                   replicas: int = 1, metrics: bool = True) -> dict[str, Any]:
+    key = f"gateway_{workers}w" + (f"_{replicas}r" if replicas > 1 else "") + (
+        "" if metrics else "_nometrics")
     label = f"gateway, {workers} worker{'s' if workers > 1 else ''}" + (
-        f", {replicas} replicas" if replicas > 1 else "")
+        f", {replicas} replicas" if replicas > 1 else "") + ("" if metrics else ", no metrics")
     # The backend listens on 127.0.0.1 to 127.0.0.3: the same server as distinct replicas.
     urls = "|".join(backend.url.replace("127.0.0.1", f"127.0.0.{i + 1}")
                     for i in range(replicas))
+    extra = {} if metrics else {"METRICS_ENABLED": "false"}
     gateway = run.keep(proxy_procs.start_gateway(run.tmp, key, run.database_url,
-                                                 {MODEL: urls}, workers))
+                                                 {MODEL: urls}, workers, extra))
     try:
         out = measure_target(run, Target(key, label, gateway.url))
         instance = f"{key}-exact"
@@ -564,6 +566,17 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         p50 = (c1_three["p50_us"] - c1_one["p50_us"]) / 1000
         check("p50 added by the balancer at c=1, three replicas against one", _r(p50, 3),
               "<= 0.05 ms", p50 <= 0.05, "ms")
+    on, off = rps("gateway_2w", "json_c32"), rps("gateway_2w_nometrics", "json_c32")
+    metrics_cost = 1 - on / off if on and off else None
+    check("req/s lost to metrics, 2 workers, c=32", _r(None if metrics_cost is None
+          else metrics_cost * 100, 1), "<= 5", None if metrics_cost is None
+          else metrics_cost <= 0.05, "%")
+    c1_on = t.get("gateway_2w", {}).get("json_c1")
+    c1_off = t.get("gateway_2w_nometrics", {}).get("json_c1")
+    if c1_on and c1_off:
+        p50 = (c1_on["p50_us"] - c1_off["p50_us"]) / 1000
+        check("p50 added by metrics at c=1, 2 workers", _r(p50, 3), "<= 0.03 ms",
+              p50 <= 0.03, "ms")
     for workers in (1, 2):  # equal worker counts, equal windows
         mine, lite = rps(f"gateway_{workers}w", "json_c32"), rps(f"litellm_{workers}w", "json_c32")
         lratio = mine / lite if mine and lite else None
@@ -750,6 +763,10 @@ def main(argv: list[str]) -> int:
         targets["gateway_2w_3r"] = phase(
             "gateway, 2 workers, three replicas of the backend", run,
             functools.partial(gateway_target, run, backend, 2, 3))
+        # What /metrics costs the request path: the same gateway with METRICS_ENABLED=false.
+        targets["gateway_2w_nometrics"] = phase(
+            "gateway, 2 workers, metrics off", run,
+            functools.partial(gateway_target, run, backend, 2, 1, False))
         if opts.litellm:
             for workers in (1, 2):
                 targets[f"litellm_{workers}w"] = phase(

@@ -174,7 +174,7 @@ def start_simulator(tmp: Path, model: str, ttft_ms: float, tpot_ms: float,
 
 
 def start_gateway(tmp: Path, name: str, database_url: str, models: Mapping[str, str],
-                  workers: int) -> Service:
+                  workers: int, extra: Mapping[str, str] | None = None) -> Service:
     """``inference-gateway serve`` with metering on: every request is spooled and copied."""
     port = free_port()
     env = {
@@ -185,6 +185,7 @@ def start_gateway(tmp: Path, name: str, database_url: str, models: Mapping[str, 
         "WEBSERVER_WORKERS": str(workers),
         "SPOOL_DIR": str(tmp / f"spool-{name}-{port}"),
         "MIGRATE_ON_START": "false",
+        **(extra or {}),
     }
     service = start(name, [*GATEWAY_CLI, "serve"], tmp / f"{name}-{port}.log", port, env)
     wait_http(service, "/ready", timeout=60)
