@@ -44,16 +44,16 @@ async def rolled(conn: asyncpg.Connection, table: str) -> dict[tuple[object, ...
     return out
 
 
-def summed(rows: list[Row], width: int, by_model: bool = False
+def summed(rows: list[Row], width: int, by: str = ""
            ) -> dict[tuple[object, ...], list[int]]:
     """What a rollup of ``width`` seconds must hold for these rows: by organization, family,
-    bucket, instance, model and key, or (``by_model``) by family, bucket and model."""
+    bucket, instance, model and key, or by family, bucket and ``by`` (model or org) alone."""
     out: dict[tuple[object, ...], list[int]] = {}
     for r in rows:
         if r.family is None:
             continue
         bucket = r.at - r.at % width
-        key = (r.family, bucket, r.model) if by_model else \
+        key = (r.family, bucket, getattr(r, by)) if by else \
             (r.org, r.family, bucket, r.instance, r.model, r.key_id or 0)
         sums = out.setdefault(key, [0, 0, 0, 0])
         for i, n in enumerate((r.prompt, r.completion, r.cached, 1)):
@@ -64,7 +64,8 @@ def summed(rows: list[Row], width: int, by_model: bool = False
 async def check(conn: asyncpg.Connection, rows: list[Row]) -> None:
     for unit, width in (("minute", 60), ("hour", 3600), ("day", DAY)):
         assert await rolled(conn, f"usage_{unit}") == summed(rows, width), unit
-        assert await rolled(conn, f"usage_model_{unit}") == summed(rows, width, True), unit
+        assert await rolled(conn, f"usage_model_{unit}") == summed(rows, width, "model"), unit
+        assert await rolled(conn, f"usage_org_{unit}") == summed(rows, width, "org"), unit
 
 
 def sample(now: int, count: int, spread: int = 3 * DAY) -> list[Row]:

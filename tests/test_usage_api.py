@@ -162,8 +162,8 @@ WIDTHS = {"1m": (MINUTE, HOUR - 120, HOUR + 900), "1h": (HOUR, 1234, DAY + 5000)
 
 @pytest.mark.parametrize("family", ["completions", "embeddings"])
 @pytest.mark.parametrize("width", list(WIDTHS))
-@pytest.mark.parametrize("group_by", [[], ["model"], ["project_id", "model"], ["api_key_id"],
-                                      ["organization_id", "instance_id"]])
+@pytest.mark.parametrize("group_by", [[], ["model"], ["organization_id"], ["project_id", "model"],
+                                      ["api_key_id"], ["organization_id", "instance_id"]])
 def test_buckets_and_groups_sum_the_rows(world: World, family: str, width: str,
                                          group_by: list[str]) -> None:
     seconds, start, end = WIDTHS[width]

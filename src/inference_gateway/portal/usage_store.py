@@ -2,8 +2,9 @@
 
 A range is read as whole days from ``usage_day``, the hours beside them from ``usage_hour`` and
 the minutes at its edges from ``usage_minute`` (see ``timegrid.cover``), each an index range
-scan. A query that neither groups nor filters by anything but the model (an operator's view of
-the fleet) reads the ``usage_model_*`` rollups instead: a few rows per bucket.
+scan. A query that groups and filters by nothing but the model, or nothing but the
+organization (an operator's views of the fleet), reads the ``usage_model_*`` or ``usage_org_*``
+rollups instead: a row per bucket and model or organization, however many instances and keys.
 
 The rows ingested since the rollup job's watermark are added from ``inference.requests``
 itself, so a request shows up within a second or two: that tail is found through the index on
@@ -31,6 +32,7 @@ class _Rollups:
     """A set of rollups by minute, hour and day, and the columns it keeps."""
 
     prefix: str
+    keys: frozenset[str]  # what it can group and filter by
     rolled: str  # its columns
     raw: str  # the same, from inference.requests
 
@@ -38,13 +40,17 @@ class _Rollups:
         return f"inference.{self.prefix}{_UNITS[width]}"
 
 
-_EVERYTHING = _Rollups(
-    "usage_",
-    "organization_id, instance_id, model, api_key_id, " + ", ".join(METRICS),
-    "organization_id, instance_id, model, coalesce(api_key_id, 0), prompt_tokens, "
-    "completion_tokens, cached_tokens, 1")
-_BY_MODEL = _Rollups("usage_model_", "model, " + ", ".join(METRICS),
-                     "model, prompt_tokens, completion_tokens, cached_tokens, 1")
+_RAW_METRICS = "prompt_tokens, completion_tokens, cached_tokens, 1"
+# The smallest first.
+_ROLLUPS = (
+    _Rollups("usage_model_", frozenset({"model"}), "model, " + ", ".join(METRICS),
+             "model, " + _RAW_METRICS),
+    _Rollups("usage_org_", frozenset({"organization_id"}),
+             "organization_id, " + ", ".join(METRICS), "organization_id, " + _RAW_METRICS),
+    _Rollups("usage_", frozenset({"organization_id", "instance_id", "model", "api_key_id"}),
+             "organization_id, instance_id, model, api_key_id, " + ", ".join(METRICS),
+             "organization_id, instance_id, model, coalesce(api_key_id, 0), " + _RAW_METRICS),
+)
 _TAIL = ("ingested_at >= (SELECT coalesce(ingested_until, '-infinity') "
          "FROM inference.usage_rollup_state) AND ingested_at > now() - {age}::interval")
 
@@ -94,7 +100,7 @@ def usage_sql(sel: Selection, tail: timedelta) -> tuple[str, list[object]]:
     arg = _Args()
     fam = arg(sel.family) if sel.family else None
     assert sel.width or sel.group_by, "a selection sums by bucket, by group or both"
-    rollups = _BY_MODEL if {*sel.group_by, *sel.filters} <= {"model"} else _EVERYTHING
+    rollups = next(r for r in _ROLLUPS if {*sel.group_by, *sel.filters} <= r.keys)
     where = _conditions(sel, arg, f"family = {fam}" if fam else "")
     branches = []
     for piece in cover(sel.start, sel.end, sel.width or DAY):

@@ -2,9 +2,10 @@
 -- scans inference.requests. Three tables of the same shape, one row per minute, hour and UTC
 -- day and per organization, endpoint family, instance, model and API key, hold the sums of
 -- the audit table's rows. A query takes whole days where it can, hours next to them and
--- minutes at its edges, so a 30-day query reads about 30 rows per group. Three more, by
--- family and model alone, answer an operator's view of the whole fleet (by model, or in
--- total) from a few rows per bucket, however many organizations there are.
+-- minutes at its edges, so a 30-day query reads about 30 rows per group. Six more, by family
+-- and model alone and by family and organization alone, answer an operator's views of the
+-- whole fleet (by model, in total, by organization) from a few rows per bucket and model or
+-- organization, however many instances and keys there are.
 --
 -- One process of the fleet keeps them up to date (portal/rollups.py): every few seconds it
 -- adds the rows ingested since its watermark, inference.usage_rollup_state.ingested_until,
@@ -61,6 +62,14 @@ CREATE TABLE inference.usage_model_minute (
 CREATE TABLE inference.usage_model_hour (LIKE inference.usage_model_minute INCLUDING ALL);
 CREATE TABLE inference.usage_model_day (LIKE inference.usage_model_minute INCLUDING ALL);
 
+-- And over every instance, model and key of an organization.
+CREATE TABLE inference.usage_org_minute
+    (LIKE inference.usage_model_minute INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+ALTER TABLE inference.usage_org_minute RENAME COLUMN model TO organization_id;
+ALTER TABLE inference.usage_org_minute ADD PRIMARY KEY (family, bucket_start, organization_id);
+CREATE TABLE inference.usage_org_hour (LIKE inference.usage_org_minute INCLUDING ALL);
+CREATE TABLE inference.usage_org_day (LIKE inference.usage_org_minute INCLUDING ALL);
+
 -- A single row: every row ingested before ingested_until is in the rollups. NULL before the
 -- first pass, which starts from the oldest row.
 CREATE TABLE inference.usage_rollup_state (
@@ -70,7 +79,7 @@ CREATE TABLE inference.usage_rollup_state (
 );
 INSERT INTO inference.usage_rollup_state DEFAULT VALUES;
 
--- Add the rows ingested in [p_from, p_until) to the six rollups; returns how many rows that
+-- Add the rows ingested in [p_from, p_until) to the nine rollups; returns how many rows that
 -- was. p_from NULL: from the oldest. Call it in the transaction that moves the watermark.
 -- One statement: the rows are read and summed once, by minute, then added to each rollup. A
 -- pass holds at most 250,000 rows (portal/rollups.py): their sums are sorted in memory.
@@ -102,7 +111,8 @@ BEGIN
     FOR v_rollup IN SELECT * FROM (VALUES
             ('usage_', ARRAY['organization_id', 'family', 'bucket_start', 'instance_id', 'model',
                              'api_key_id']),
-            ('usage_model_', ARRAY['family', 'bucket_start', 'model'])) AS r (prefix, keys)
+            ('usage_model_', ARRAY['family', 'bucket_start', 'model']),
+            ('usage_org_', ARRAY['family', 'bucket_start', 'organization_id'])) AS r (prefix, keys)
     LOOP
         FOREACH v_unit IN ARRAY ARRAY['minute', 'hour', 'day'] LOOP
             -- The keys as the delta has them: its minute truncated to this rollup's unit.
