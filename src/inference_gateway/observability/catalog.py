@@ -110,25 +110,23 @@ VLLM = _f("gateway_replica_vllm_tokens_total", "counter",
           "The replica's own counters at the last scrape (vllm:prompt_tokens_total, "
           "vllm:generation_tokens_total).", (*_REPLICA, "type"), merge="max")
 
-SPOOL_RECORDS = _f("gateway_usage_spool_records", "gauge",
-                   "Usage records spooled on disk and not yet in Postgres.")
-SPOOL_BYTES = _f("gateway_usage_spool_bytes", "gauge",
-                 "Bytes of usage records spooled on disk and not yet in Postgres.")
-OLDEST = _f("gateway_usage_oldest_unwritten_age_seconds", "gauge",
-            "Age of the oldest usage record not yet in Postgres (0 when none waits).",
-            merge="age")
-ROWS_WRITTEN = _f("gateway_usage_rows_written_total", "counter",
-                  "Usage rows COPYed into Postgres.")
-COPY_BATCHES = _f("gateway_usage_copy_batches_total", "counter",
-                  "Batches of usage rows committed to Postgres.")
-COPY_FAILURES = _f("gateway_usage_copy_failures_total", "counter",
-                   "Attempts to write usage to Postgres that failed (retried).")
-DEAD_LETTERS = _f("gateway_usage_dead_letters_total", "counter",
-                  "Usage records Postgres rejected, or unreadable, moved to the dead letters.")
-DROPPED = _f("gateway_usage_records_dropped_total", "counter",
-             "Usage records dropped because the spool was full (SPOOL_FULL_POLICY=drop).")
-DATABASE_UP = _f("gateway_usage_database_up", "gauge",
-                 "1 while every worker's usage writer reaches Postgres.", merge="min")
+
+def _usage(name: str, kind: Kind, text: str, merge: Merge = "sum") -> Family:
+    """A family of the usage pipeline: the spool, the writer, Postgres."""
+    return _f(f"gateway_usage_{name}", kind, text, merge=merge)
+
+
+SPOOL_RECORDS = _usage("spool_records", "gauge", "Usage records spooled, not yet in Postgres.")
+SPOOL_BYTES = _usage("spool_bytes", "gauge", "Bytes of usage spooled, not yet in Postgres.")
+OLDEST = _usage("oldest_unwritten_age_seconds", "gauge",
+                "Age of the oldest usage record not yet in Postgres (0: none).", "age")
+ROWS_WRITTEN = _usage("rows_written_total", "counter", "Usage rows COPYed into Postgres.")
+COPY_BATCHES = _usage("copy_batches_total", "counter", "Batches committed to Postgres.")
+COPY_FAILURES = _usage("copy_failures_total", "counter", "Writes that failed (and are retried).")
+DEAD_LETTERS = _usage("dead_letters_total", "counter", "Records moved to the dead letters.")
+DROPPED = _usage("records_dropped_total", "counter", "Records dropped: the spool was full.")
+DATABASE_UP = _usage("database_up", "gauge", "1 while every worker's writer reaches Postgres.",
+                     "min")
 CACHE_AGE = _f("gateway_tenant_cache_age_seconds", "gauge",
                "Time since the tenant cache was last loaded from Postgres (the stalest worker).",
                ("cache",), merge="age")
