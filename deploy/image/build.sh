@@ -40,10 +40,20 @@ if [ -n "$ca" ] && [ -f "$ca" ]; then
   secret=(--secret "id=pip-ca,src=$ca")
 fi
 
+podman_() { podman --runtime runc --cgroup-manager=cgroupfs "$@"; }
+previous="$(podman_ image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
+
 # runc and cgroupfs work where crun or systemd cgroups do not; the ulimits are within what any
 # container may ask for.
-podman --runtime runc --cgroup-manager=cgroupfs build --layers --network host \
+podman_ build --layers --network host \
   --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
   --build-arg "BASE_IMAGE=$base" "${secret[@]}" --tag "$image" --file Dockerfile . >&2
+
+# The image this tag named before: each code change would otherwise leave one behind. The build
+# stage's layers stay, for the next build's cache.
+current="$(podman_ image inspect --format '{{.Id}}' "$image")"
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  podman_ rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "image: $image built in $((SECONDS - started)) s" >&2
 echo "$image"
