@@ -226,3 +226,12 @@ def test_only_the_exact_token_counters_are_read() -> None:
     assert read_samples(page) == {"vllm:prompt_tokens_total": 120.0,
                                   "vllm:generation_tokens_total": 7.0}
     assert read_load(page) is None
+
+
+def test_a_new_run_clears_only_its_own_files(tmp_path: Path) -> None:
+    from inference_gateway.observability.shared import clear
+
+    for name in ("w-1.json", "w-1.lock", "orgs.json", "adopt.lock", "keep.txt"):
+        (tmp_path / name).write_text("x")
+    clear(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

@@ -20,12 +20,11 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from inference_gateway.observability.series import Snapshot, counters_only, loads, merge
-from inference_gateway.settings import Settings
+from inference_gateway.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,18 @@ def directory(settings: Settings) -> Path:
 
 
 def clear(directory: Path) -> None:
-    """A new gateway starts its counters at zero: remove what a previous run left."""
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True, exist_ok=True)
+    """A new gateway starts its counters at zero: remove the files a previous run left (and
+    nothing else: ``METRICS_DIR`` may name a directory that holds other things too)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"invalid METRICS_DIR: cannot create {directory}: "
+                          f"{exc.strerror or exc}") from None
+    for pattern in (f"{PREFIX}*.json", f"{PREFIX}*.lock", f"{PREFIX}*.tmp", "orgs.*",
+                    "adopt.lock"):
+        for path in directory.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 class WorkerFiles:
