@@ -15,7 +15,7 @@ from inference_gateway.observability.offload import Offload
 from inference_gateway.proxy.handler import Observer
 from inference_gateway.routing.router import Router
 from inference_gateway.routing.upkeep import Upkeep
-from inference_gateway.settings import Settings
+from inference_gateway.settings import ConfigError, Settings
 from inference_gateway.tenants.caches import TenantCaches
 
 
@@ -33,8 +33,11 @@ class Observability:
             self.observers.append(access_log)
             self.threads.append(access_log)
         if settings.otel_traces_exporter == "otlp":
-            from inference_gateway.observability.tracing import Tracing
-
+            try:
+                from inference_gateway.observability.tracing import Tracing
+            except ImportError as exc:
+                raise ConfigError("invalid OTEL_TRACES_EXPORTER: otlp needs OpenTelemetry: "
+                                  f"pip install 'inference-gateway[otel]' ({exc})") from None
             tracing = Tracing(settings.otel_exporter_otlp_endpoint, settings.otel_service_name)
             self.observers.append(tracing)
             self.threads.append(tracing)
