@@ -17,8 +17,8 @@ Every layout runs at once (idle ones cost next to nothing) and they are measured
 after round (3 by default), so that other work on the machine weighs on all of them alike; each
 layout's median round is reported. Measured with wrk (two threads) at c=32 and c=128 after a
 warm-up: 2xx responses per second, latency, and the CPU time the gateways' processes (and
-HAProxy) spent per 2xx response, read from /proc, which other work on the machine disturbs far
-less than req/s. Then every instance is stopped (it drains its spool) and the rows of each layout
+HAProxy) spent per 2xx response, read from /proc, which other work on the machine disturbs less
+than req/s. Then every instance is stopped (it drains its spool) and the rows of each layout
 are counted against the 2xx responses wrk saw.
 
 Writes bench/results/scaleout.json (--quick: .dev/bench/scaleout.json). The load generator,
@@ -157,7 +157,7 @@ def cpu_seconds(pids: list[int]) -> float:
 def measure(stack: Stack, connections: int, org: str, duration: float, warmup: float,
             quiet_wait: float) -> dict[str, Any]:
     """req/s and latency, and the CPU the gateways (and HAProxy) spent per 2xx response: the
-    CPU per response depends far less than req/s on what else the machine is doing."""
+    CPU per response depends less than req/s on what else the machine is doing."""
     busy = proxy_procs.wait_quiet(QUIET_BUSY, quiet_wait)
     tenant = {"X-TEMBO-ORG": org, "X-TEMBO-INSTANCE": f"{stack.layout.key}-c{connections}"}
     proxy_load.wrk(stack.url, BODY, {**tenant, "X-TEMBO-INSTANCE": "warmup"}, connections,
