@@ -8,6 +8,7 @@ the numbers into series once a second, or when ``/metrics`` is scraped.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left as _at
 
 from inference_gateway.errors import GatewayError
 from inference_gateway.metering.record import UsageRecord
@@ -18,6 +19,9 @@ from inference_gateway.proxy.endpoints import KNOWN_PATHS
 from inference_gateway.proxy.relay import Outcome
 
 _CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+_DURATION, _OVERHEAD, _TTFT, _TPOT, _TOKENS = (c.DURATION_BUCKETS, c.OVERHEAD_BUCKETS,
+                                               c.TTFT_BUCKETS, c.TPOT_BUCKETS, c.TOKEN_BUCKETS)
+_monotonic, _time = time.monotonic, time.time
 _KNOWN = frozenset(KNOWN_PATHS)
 
 
@@ -38,6 +42,8 @@ class Slot:
         "client",
         "completion",
         "durations",
+        "ok_client",
+        "ok_duration",
         "overhead",
         "prompt",
         "tpot",
@@ -47,8 +53,10 @@ class Slot:
 
     def __init__(self) -> None:
         self.classes = [0] * len(_CLASSES)
-        self.durations: dict[int, list[float]] = {}  # by error status (0: none)
-        self.client: dict[int, list[float]] = {}  # the upstream call, by error status
+        self.durations: dict[int, list[float]] = {}  # by status (0: no error)
+        self.client: dict[int, list[float]] = {}  # the upstream call, by status (0: no error)
+        self.ok_duration = self.durations[0] = new_histogram(c.SERVER_DURATION)
+        self.ok_client = self.client[0] = new_histogram(c.CLIENT_DURATION)
         self.ttfb = new_histogram(c.TTFB)
         self.overhead = new_histogram(c.OVERHEAD)
         self.ttft = new_histogram(c.TTFT)
@@ -57,7 +65,7 @@ class Slot:
         self.completion = new_histogram(c.TOKEN_USAGE)
 
 
-def _by_status(table: dict[int, list[float]], status: int) -> list[float]:
+def _failed(table: dict[int, list[float]], status: int) -> list[float]:
     histogram = table.get(status)
     if histogram is None:
         histogram = table[status] = new_histogram(c.SERVER_DURATION)
@@ -90,48 +98,62 @@ class RequestMetrics:
             self.rate_limited[code] = self.rate_limited.get(code, 0) + 1
 
     def finished(self, record: UsageRecord, outcome: Outcome) -> None:
+        # Written for speed (it runs for every request): module constants bound once, the
+        # histograms' bisections inline, the successful requests' histograms kept at hand.
         self.in_flight -= 1
-        endpoint = record.endpoint
-        key = (record.model, endpoint if endpoint in _KNOWN else route_of(endpoint))
-        slot = self.slots.get(key)
-        if slot is None:
-            slot = self.slots[key] = Slot()
-        status = record.status
+        model, status = record.model, record.status
+        slot = self.slots.get((model, record.endpoint)) or self._slot_of(model, record.endpoint)
         slot.classes[min(status // 100, 5)] += 1
-        error = status if status >= 400 else 0
         total = record.completed_at - record.started_at
-        observe(_by_status(slot.durations, error), c.DURATION_BUCKETS, total)
+        histogram = slot.ok_duration if status < 400 else _failed(slot.durations, status)
+        histogram[_at(_DURATION, total)] += 1
+        histogram[-1] += total
         # The monotonic clock's reading when the request arrived, for the outcome's times.
-        start = time.monotonic() - (time.time() - record.started_at)
-        if outcome.first_byte_at is not None:
-            observe(slot.ttfb, c.DURATION_BUCKETS, outcome.first_byte_at - start)
+        start = _monotonic() - (_time() - record.started_at)
+        if (at := outcome.first_byte_at) is not None:
+            histogram = slot.ttfb
+            histogram[_at(_DURATION, at - start)] += 1
+            histogram[-1] += at - start
         sent, done = outcome.sent_at, outcome.upstream_done_at
         if sent is not None and done is not None:
-            observe(_by_status(slot.client, error), c.DURATION_BUCKETS, done - sent)
-            observe(slot.overhead, c.OVERHEAD_BUCKETS, sent - done + total)
+            histogram = slot.ok_client if status < 400 else _failed(slot.client, status)
+            histogram[_at(_DURATION, done - sent)] += 1
+            histogram[-1] += done - sent
+            own = sent - done + total
+            slot.overhead[_at(_OVERHEAD, own)] += 1
+            slot.overhead[-1] += own
         prompt, completion = record.prompt_tokens, record.completion_tokens
-        first = outcome.first_chunk_at
-        if first is not None and record.streamed:
-            observe(slot.ttft, c.TTFT_BUCKETS, first - start)
+        if (first := outcome.first_chunk_at) is not None and record.streamed:
+            observe(slot.ttft, _TTFT, first - start)
             if completion > 1 and done is not None:
-                observe(slot.tpot, c.TPOT_BUCKETS, (done - first) / (completion - 1))
+                observe(slot.tpot, _TPOT, (done - first) / (completion - 1))
         if prompt or completion:
-            observe(slot.prompt, c.TOKEN_BUCKETS, prompt)
-            observe(slot.completion, c.TOKEN_BUCKETS, completion)
+            slot.prompt[_at(_TOKENS, prompt)] += 1
+            slot.prompt[-1] += prompt
+            slot.completion[_at(_TOKENS, completion)] += 1
+            slot.completion[-1] += completion
         org = self.orgs.label(record.organization_id, prompt + completion + 1)
-        counts = self.tokens.get((record.model, org))
+        counts = self.tokens.get((model, org))
         if counts is None:
-            counts = self.tokens[(record.model, org)] = [0, 0, 0]
+            counts = self.tokens[(model, org)] = [0, 0, 0]
         counts[0] += prompt
         counts[1] += completion
         counts[2] += record.cached_tokens
-        if record.replica is not None:
-            billed = self.replicas.get((record.model, record.replica))
+        if (replica := record.replica) is not None:
+            billed = self.replicas.get((model, replica))
             if billed is None:
-                billed = self.replicas[(record.model, record.replica)] = [0, 0, 0]
+                billed = self.replicas[(model, replica)] = [0, 0, 0]
             billed[0] += prompt
             billed[1] += completion
             billed[2] += prompt * outcome.choices
+
+    def _slot_of(self, model: str, path: str) -> Slot:
+        """The slot of a model and endpoint; a path with a response id is kept under its route."""
+        endpoint = route_of(path)
+        slot = self.slots.get((model, endpoint))
+        if slot is None:
+            slot = self.slots[(model, endpoint)] = Slot()
+        return slot
 
     # -- off the request path -------------------------------------------------------------------
 
@@ -166,10 +188,11 @@ class RequestMetrics:
         put(into, c.TTFB, (model, endpoint), slot.ttfb)
         put(into, c.OVERHEAD, (model, endpoint), slot.overhead)
         gen_ai = (c.operation(endpoint), c.PROVIDER, model)
-        for status, histogram in slot.durations.items():
-            put(into, c.SERVER_DURATION, (*gen_ai, str(status) if status else ""), histogram)
-        for status, histogram in slot.client.items():
-            put(into, c.CLIENT_DURATION, (*gen_ai, str(status) if status else ""), histogram)
+        for family, table in ((c.SERVER_DURATION, slot.durations),
+                              (c.CLIENT_DURATION, slot.client)):
+            for status, histogram in table.items():
+                if any(histogram[:-1]):
+                    put(into, family, (*gen_ai, str(status) if status else ""), histogram)
         if any(slot.ttft[:-1]):
             put(into, c.TTFT, gen_ai, slot.ttft)
         if any(slot.tpot[:-1]):
