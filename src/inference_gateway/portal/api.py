@@ -11,6 +11,7 @@ is on the /v1 proxy's path, and every answer is read from the rollups (see ``usa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,36 +40,34 @@ log = logging.getLogger(__name__)
 
 POOL_SIZE = 4
 STATEMENT_TIMEOUT_MS = 10_000
+CLOSE_TIMEOUT_SEC = 2.0
 
 Reader = Callable[[web.Request, asyncpg.Connection, Viewer], Awaitable[dict[str, object]]]
 
 
 class UsageApi:
-    """The handlers, over one connection pool per process, opened on first use."""
+    """The handlers, over one connection pool per process that connects on first use."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.tail = timedelta(seconds=settings.usage_fresh_tail_sec)
         self._pool: asyncpg.Pool | None = None
 
-    async def _connection_pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            self._pool = await asyncpg.create_pool(
-                self.settings.database_url, min_size=0, max_size=POOL_SIZE, timeout=5,
-                server_settings={
-                    "statement_timeout": str(STATEMENT_TIMEOUT_MS),
-                    # Small, index-bound queries: compiling a plan or starting parallel workers
-                    # costs more than running one; an operator's sums by organization fit in
-                    # memory.
-                    "jit": "off", "max_parallel_workers_per_gather": "0", "work_mem": "32MB",
-                    "application_name": "inference-gateway usage api"})
-        return self._pool
-
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        self._pool = await asyncpg.create_pool(  # no connection yet: min_size=0
+            self.settings.database_url, min_size=0, max_size=POOL_SIZE, timeout=5,
+            server_settings={
+                "statement_timeout": str(STATEMENT_TIMEOUT_MS),
+                # Small, index-bound queries: compiling a plan or starting parallel workers
+                # costs more than running one; an operator's sums by organization fit in memory.
+                "jit": "off", "max_parallel_workers_per_gather": "0", "work_mem": "32MB",
+                "application_name": "inference-gateway usage api"})
         yield
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        try:
+            await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SEC)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pool.terminate()
 
     def route(self, read: Reader) -> Callable[[web.Request], Awaitable[web.Response]]:
         """A handler: the credential, then ``read``; every failure an OpenAI-shaped error."""
@@ -76,8 +75,8 @@ class UsageApi:
         async def handle(request: web.Request) -> web.Response:
             try:
                 token = token_of(request.headers)
-                pool = await self._connection_pool()
-                async with pool.acquire() as conn:
+                assert self._pool is not None, "the application has not started"
+                async with self._pool.acquire() as conn:
                     viewer = await identify(conn, token, self.settings.admin_token)
                     body = await read(request, conn, viewer)
             except GatewayError as exc:
