@@ -84,12 +84,16 @@ async def _prepare(url: str) -> tuple[list[Row], str]:
 def site(admin_url: str, session_tmp: Path, simulator: Proc) -> Iterator[Site]:
     name = f"gateway_dashboard_{uuid.uuid4().hex[:8]}"
     url = asyncio.run(fresh_database(admin_url, name))
-    rows, key = asyncio.run(_prepare(url))
-    gateway = start_gateway(session_tmp, url, simulator.url, ADMIN_TOKEN=ADMIN_TOKEN,
-                            RUN_USAGE_ROLLUPS="false", MODEL_PRICES="m1=2:8")
-    yield Site(gateway, rows, key)
-    gateway.stop()
-    asyncio.run(drop_database(admin_url, name))
+    try:
+        rows, key = asyncio.run(_prepare(url))
+        gateway = start_gateway(session_tmp, url, simulator.url, ADMIN_TOKEN=ADMIN_TOKEN,
+                                RUN_USAGE_ROLLUPS="false", MODEL_PRICES="m1=2:8")
+        try:
+            yield Site(gateway, rows, key)
+        finally:
+            gateway.stop()
+    finally:
+        asyncio.run(drop_database(admin_url, name))
 
 
 @pytest.fixture

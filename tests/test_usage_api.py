@@ -107,17 +107,21 @@ async def _prepare(url: str, day0: int) -> tuple[list[Row], dict[str, str], dict
 def world(admin_url: str, session_tmp: Path, simulator: Proc) -> Iterator[World]:
     name = f"gateway_usage_{uuid.uuid4().hex[:8]}"
     url = asyncio.run(fresh_database(admin_url, name))
-    now = int(time.time())
-    day0 = now - now % DAY - 3 * DAY
-    rows, keys, prefixes = asyncio.run(_prepare(url, day0))
-    made = cli(url, "keys", "create", "--admin")
-    assert made.returncode == 0, made.stderr
-    keys["admin"] = made.stdout.strip()
-    gateway = start_gateway(session_tmp, url, simulator.url, ADMIN_TOKEN=ADMIN_TOKEN,
-                            RUN_USAGE_ROLLUPS="false", MODEL_PRICES=PRICES)
-    yield World(url, gateway, rows, keys, prefixes, day0)
-    gateway.stop()
-    asyncio.run(drop_database(admin_url, name))
+    try:
+        now = int(time.time())
+        day0 = now - now % DAY - 3 * DAY
+        rows, keys, prefixes = asyncio.run(_prepare(url, day0))
+        made = cli(url, "keys", "create", "--admin")
+        assert made.returncode == 0, made.stderr
+        keys["admin"] = made.stdout.strip()
+        gateway = start_gateway(session_tmp, url, simulator.url, ADMIN_TOKEN=ADMIN_TOKEN,
+                                RUN_USAGE_ROLLUPS="false", MODEL_PRICES=PRICES)
+        try:
+            yield World(url, gateway, rows, keys, prefixes, day0)
+        finally:
+            gateway.stop()
+    finally:
+        asyncio.run(drop_database(admin_url, name))
 
 
 def pages(world: World, path: str, token: str, params: list[tuple[str, object]]
