@@ -20,7 +20,7 @@ bench:
 image:
 	deploy/image/build.sh
 
-# Stop the dev Postgres that `make run` and `make test` start (its data stays in .dev/pg).
+# Stop the dev Postgres and Redis that `make run` and `make test` start (data stays in .dev).
 stop-dev:
 	scripts/stop-dev.sh
 

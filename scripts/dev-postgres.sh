@@ -72,7 +72,12 @@ if [ -z "$(psql_pg -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; the
 fi
 
 url="postgresql://postgres@127.0.0.1:$port/$db"
-printf 'export DATABASE_URL=%s\nexport SPOOL_DIR=%s\n' "$url" "$root/.dev/spool" >"$root/.dev/env"
+# .dev/env: this script's lines replaced, any other script's kept.
+touch "$root/.dev/env"
+grep -v -e '^export DATABASE_URL=' -e '^export SPOOL_DIR=' -e '^export QUEUE_CONN_URL=' \
+  "$root/.dev/env" >"$root/.dev/env.tmp" || true
+printf 'export DATABASE_URL=%s\nexport SPOOL_DIR=%s\n' "$url" "$root/.dev/spool" \
+  >>"$root/.dev/env.tmp"
 
 # A queue database with PGMQ for the billing reporter's pgmq sink. PGMQ is not packaged for
 # Debian; the pgmq Python package carries its SQL-only install.
@@ -85,5 +90,6 @@ if [ -x "$root/.venv/bin/python" ] && \
   "$root/.venv/bin/python" -c 'import pgmq, sys; pgmq.install_pgmq_from_sql(dsn=sys.argv[1])' \
     "$queues_url" >/dev/null 2>&1 || echo "dev-postgres: could not install PGMQ into 'queues'" >&2
 fi
-printf 'export QUEUE_CONN_URL=%s\n' "$queues_url" >>"$root/.dev/env"
+printf 'export QUEUE_CONN_URL=%s\n' "$queues_url" >>"$root/.dev/env.tmp"
+mv "$root/.dev/env.tmp" "$root/.dev/env"
 echo "dev-postgres: ready at $url"

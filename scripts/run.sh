@@ -23,14 +23,25 @@ if [ -z "${DATABASE_URL:-}" ]; then
   . .dev/env
 fi
 export DATABASE_URL
+stop_redis=false
+if [ -z "${REDIS_URL:-}" ]; then  # the rate limiter's shared counters
+  redis-cli -p "${DEV_REDIS_PORT:-63799}" ping >/dev/null 2>&1 || stop_redis=true
+  scripts/dev-redis.sh
+  . .dev/env
+fi
+export REDIS_URL
 
 pids=()
 cleanup() {
   trap - INT TERM EXIT
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  if $stop_postgres; then
+  if $stop_postgres && $stop_redis; then
     scripts/stop-dev.sh
+  elif $stop_postgres; then
+    scripts/stop-dev.sh --postgres
+  elif $stop_redis; then
+    scripts/stop-dev.sh --redis
   fi
 }
 trap cleanup INT TERM EXIT

@@ -34,6 +34,10 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
          "need it will be skipped" >&2
   fi
 fi
+# The rate limiter's shared counters.
+if [ -z "${TEST_REDIS_URL:-}" ]; then
+  scripts/dev-redis.sh
+fi
 # The deployment tests build and run the gateway's image (podman, runc, debootstrap) and put two
 # gateways behind HAProxy.
 deploy_missing=()

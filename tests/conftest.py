@@ -49,6 +49,20 @@ def admin_url() -> str:
 
 
 @pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The rate limiter's Redis: TEST_REDIS_URL, or the project's own (started if need be)."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if url:
+        return url
+    subprocess.run([str(ROOT / "scripts" / "dev-redis.sh")], check=True,
+                   stdout=subprocess.DEVNULL)
+    for line in (ROOT / ".dev" / "env").read_text().splitlines():
+        if line.startswith("export REDIS_URL="):
+            return line.split("=", 1)[1]
+    raise RuntimeError(".dev/env has no REDIS_URL")
+
+
+@pytest.fixture(scope="session")
 def database_url(admin_url: str) -> Iterator[str]:
     """A fresh database for this test session, migrated, dropped at the end.
 
