@@ -44,16 +44,21 @@ def error_body(
     param: str | None = None,
     code: str | None = None,
     dialect: Dialect = "openai",
+    error_type: str | None = None,
 ) -> bytes:
-    """Serialise an error as OpenAI's API does, or as Anthropic's does."""
+    """Serialise an error as OpenAI's API does, or as Anthropic's does.
+
+    ``error_type`` overrides OpenAI's ``type`` where OpenAI itself uses a particular one (its
+    429s say ``requests``, ``tokens`` or ``insufficient_quota``).
+    """
     if dialect == "anthropic":
         kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500
                                     else "invalid_request_error")
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
     error = {
         "message": message,
-        "type": _OPENAI_TYPES.get(status, "api_error" if status >= 500
-                                  else "invalid_request_error"),
+        "type": error_type or _OPENAI_TYPES.get(status, "api_error" if status >= 500
+                                                else "invalid_request_error"),
         "param": param,
         "code": code,
     }
@@ -98,15 +103,21 @@ class GatewayError(Exception):
     """An error raised on the request path that maps straight onto one client response."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+        error_type: str | None = None, headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.error_type = error_type
+        self.headers = headers or {}
 
     def response(self, headers: dict[str, str] | None = None,
                  dialect: Dialect = "openai") -> web.Response:
-        return error_response(self.status, self.message, param=self.param, code=self.code,
-                              headers=headers, dialect=dialect)
+        return web.Response(
+            status=self.status, content_type="application/json",
+            headers={**(headers or {}), **self.headers},
+            body=error_body(self.status, self.message, param=self.param, code=self.code,
+                            dialect=dialect, error_type=self.error_type))

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from inference_gateway.admission.quotas import run_reconciler
 from inference_gateway.billing.reporter import run_reporter
 from inference_gateway.billing.sinks import open_sink
 from inference_gateway.db import leader
@@ -60,6 +61,9 @@ def background_jobs(settings: Settings) -> list[Coroutine[Any, Any, None]]:
                                                settings.maintenance_schedule)))
     if settings.run_usage_rollups:
         jobs.append(leader.run(settings.database_url, rollup_job(settings)))
+    if settings.redis_url:
+        jobs.append(run_reconciler(settings.redis_url, settings.database_url,
+                                   settings.redis_timeout_sec))
     return jobs
 
 

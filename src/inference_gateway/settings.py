@@ -174,6 +174,14 @@ class Settings(BaseSettings):
         Field(default_factory=dict)
     price_currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
 
+    # Rate limits and quotas (see docs/limits.md): counters shared through Redis.
+    redis_url: str | None = None
+    redis_timeout_sec: float = Field(default=1.0, gt=0)
+    rate_limit_fallback: Literal["local", "open", "closed"] = "local"  # while Redis is away
+    gateway_instances: int = Field(default=1, ge=1)  # how many gateways share the limits
+    rate_limit_reserved_tokens: int = Field(default=4096, ge=1)  # most a request reserves
+    limits_refresh_interval_sec: float = Field(default=30.0, gt=0)
+
     # Metrics, the access log and traces (see docs/metrics.md).
     metrics_enabled: bool = True  # GET /metrics, and the request path's counters behind it
     metrics_dir: Path | None = None  # where the workers share their numbers; SPOOL_DIR/metrics

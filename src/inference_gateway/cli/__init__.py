@@ -49,6 +49,34 @@ def _tenant_commands(sub: Subparsers) -> None:
     revoke.set_defaults(handler=commands.keys_revoke)
 
 
+def _limit_commands(sub: Subparsers) -> None:
+    parser = sub.add_parser("limits", help="rate limits and token quotas")
+    cmds = parser.add_subparsers(dest="limits_command", required=True, metavar="COMMAND")
+    setter = cmds.add_parser("set", help="set limits of an organization, instance or key "
+                             "(optionally for one model); unnamed limits stay as they are")
+    setter.add_argument("--org", required=True)
+    subject = setter.add_mutually_exclusive_group()
+    subject.add_argument("--instance", help="this instance of the organization only")
+    subject.add_argument("--key", metavar="PREFIX", help="this API key only (its prefix)")
+    setter.add_argument("--model", help="this model only (default: every model)")
+    for name, kind, text in (
+            ("requests-per-minute", int, "requests in any 60 seconds"),
+            ("tokens-per-minute", int, "tokens in any 60 seconds"),
+            ("max-concurrent", int, "requests under way at once"),
+            ("tokens-per-day", int, "tokens per UTC day"),
+            ("tokens-per-month", int, "tokens per calendar month (UTC)"),
+            ("prompt-weight", float, "what a prompt token counts (default 1)"),
+            ("completion-weight", float, "what a generated token counts (default 1)")):
+        setter.add_argument(f"--{name}", type=kind, help=text)
+    setter.set_defaults(handler=commands.limits)
+    listing = cmds.add_parser("list", help="show the limits")
+    listing.add_argument("--org")
+    listing.set_defaults(handler=commands.limits)
+    remove = cmds.add_parser("rm", help="remove a limit by its id")
+    remove.add_argument("id", type=int)
+    remove.set_defaults(handler=commands.limits)
+
+
 def _billing_commands(sub: Subparsers) -> None:
     report = sub.add_parser("report", help="run the hourly usage reporter for billing")
     report.add_argument("--once", action="store_true",
@@ -110,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     spool_sub.add_parser("status", help="pending records, bytes, age, dead letters").set_defaults(
         handler=commands.spool_status)
     _tenant_commands(sub)
+    _limit_commands(sub)
     _billing_commands(sub)
     _maintenance_commands(sub)
     return parser

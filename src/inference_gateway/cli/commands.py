@@ -172,6 +172,38 @@ def keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def limits(args: argparse.Namespace, settings: Settings) -> int:
+    from inference_gateway.admission import limits
+    from inference_gateway.portal.tables import text_table
+
+    if args.limits_command == "rm":
+        if not _with_db(settings, lambda conn: limits.remove_limit(conn, args.id)):
+            return _fail(f"no limit with id {args.id}", 1)
+        print(f"removed limit {args.id}")
+        return 0
+    if args.limits_command == "set":
+        values = {name: getattr(args, name) for name in limits.SETTABLE
+                  if getattr(args, name) is not None}
+        if not values:
+            return _fail("name at least one limit, e.g. --requests-per-minute 60")
+        try:
+            found = [_with_db(settings, lambda conn: limits.set_limit(
+                conn, args.org, args.instance, args.key, args.model, values))]
+        except (ValueError, asyncpg.CheckViolationError) as exc:
+            return _fail(str(exc))
+    else:
+        found = _with_db(settings, lambda conn: limits.list_limits(conn, args.org))
+    print("\n".join(text_table(
+        ("id", "organization", "instance", "key", "model", "req/min", "tokens/min", "at once",
+         "tokens/day", "tokens/month", "weights"),
+        [(lim.id, lim.organization_id, lim.instance_id, lim.api_key_id, lim.model,
+          lim.requests_per_minute, lim.tokens_per_minute, lim.max_concurrent,
+          lim.tokens_per_day, lim.tokens_per_month,
+          f"{lim.prompt_weight:g}/{lim.completion_weight:g}") for lim in found],
+        right=range(5, 10))))
+    return 0
+
+
 # -- billing and usage --------------------------------------------------------------------------
 
 

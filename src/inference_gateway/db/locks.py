@@ -6,7 +6,8 @@ lives):
 * ``MIGRATIONS``: migrations run one process at a time (waits);
 * ``MAINTENANCE_SCHEDULER``: the process that runs partition maintenance where pg_cron does not;
 * ``BILLING_REPORTER``: the process that reports usage for billing;
-* ``USAGE_ROLLUPS``: the process that keeps the usage rollups up to date.
+* ``USAGE_ROLLUPS``: the process that keeps the usage rollups up to date;
+* ``QUOTA_RECONCILER``: the process that brings quota counters in Redis up to Postgres.
 
 Transaction-level locks taken inside SQL (``0002_maintenance.sql``), with try-lock only:
 ``hashtext('inference_gateway partition maintenance')`` (one of our maintenance runs at a
@@ -20,3 +21,4 @@ MIGRATIONS = 0x1A7E6A7E
 MAINTENANCE_SCHEDULER = 0x1A7E6A80
 BILLING_REPORTER = 0x1A7E6A90
 USAGE_ROLLUPS = 0x1A7E6AA0
+QUOTA_RECONCILER = 0x1A7E6AB0

@@ -18,6 +18,8 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from inference_gateway.admission.gate import Admission
+from inference_gateway.admission.limits import LimitBook
 from inference_gateway.db.migrate import pending_migrations
 from inference_gateway.errors import error_response
 from inference_gateway.metering.meter import Meter
@@ -32,7 +34,7 @@ from inference_gateway.routing.router import Router
 from inference_gateway.routing.status import describe
 from inference_gateway.routing.upkeep import Upkeep
 from inference_gateway.settings import Settings
-from inference_gateway.tenants.caches import TenantCaches
+from inference_gateway.tenants.caches import Cache, TenantCaches
 from inference_gateway.tenants.identity import bearer_token
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,10 @@ class Gateway:
                              on_retired=self.relay.retire)
         self.upkeep = Upkeep(self.router, self.relay.fetch, scrape=settings.scrape_replica_load)
         self.meter = meter or Meter(settings)
-        self.tenants = TenantCaches(settings)
+        self.limits = LimitBook()
+        self.tenants = TenantCaches(settings, extra=[Cache(
+            "limits", self.limits.refresh, settings.limits_refresh_interval_sec, "limits")])
+        self.admission = Admission(settings, self.limits)
         self.stored = StoredResponses(settings.database_url)
         self.observability = Observability(settings, self.router, self.upkeep, self.meter,
                                            self.tenants)
@@ -65,7 +70,7 @@ class Gateway:
             EndpointTable(settings.forwarded_endpoints), self.router, self.tenants, self.meter,
             self.relay, self.stored, Caps(settings.max_n, settings.max_tokens),
             settings.max_request_body_bytes, settings.prefix_affinity_chars,
-            observers=self.observability.observers)
+            admission=self.admission, observers=self.observability.observers)
         self.ready = False
         self.started = int(time.time())
         self._models_body = orjson.dumps(
@@ -166,6 +171,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await readiness
             await self.proxy.drain()
+            await self.admission.close()
             await self.upkeep.close()
             await self.tenants.close()
             await self.stored.close()

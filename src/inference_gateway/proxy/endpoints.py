@@ -30,21 +30,23 @@ class Endpoint:
     streams: bool  # a request may ask for server-sent events
     bills: bool  # the usage in its answer is billed (not when it only counts or reads back)
     routed_by: RoutedBy  # the body's model, or the stored response the path names
+    generates: bool  # it generates tokens (what a request reserves against token limits)
 
 
 def _ep(path: str, shape: Shape = "openai", *, method: str = "POST", streams: bool = False,
         bills: bool = True, dialect: Dialect = "openai", routed_by: RoutedBy = "model",
-        ) -> Endpoint:
-    return Endpoint(path, method, shape, dialect, streams, bills, routed_by)
+        generates: bool = True) -> Endpoint:
+    return Endpoint(path, method, shape, dialect, streams, bills, routed_by,
+                    generates and bills)
 
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     _ep("/v1/chat/completions", streams=True),
     _ep("/v1/chat/completions/batch"),
     _ep("/v1/completions", streams=True),
-    _ep("/v1/embeddings"),
-    _ep("/v1/score"),
-    _ep("/v1/rerank"),
+    _ep("/v1/embeddings", generates=False),
+    _ep("/v1/score", generates=False),
+    _ep("/v1/rerank", generates=False),
     _ep("/v1/responses", "responses", streams=True),
     _ep("/v1/responses/{id}", "responses", method="GET", bills=False, routed_by="response"),
     _ep("/v1/responses/{id}/cancel", "responses", bills=False, routed_by="response"),

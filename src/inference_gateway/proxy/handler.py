@@ -18,6 +18,7 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 
+from inference_gateway.admission.gate import Admission, Ticket
 from inference_gateway.errors import GatewayError
 from inference_gateway.metering.meter import Meter
 from inference_gateway.metering.readers import Usage
@@ -32,7 +33,7 @@ from inference_gateway.proxy.endpoints import (
 )
 from inference_gateway.proxy.event_streams import EventStream
 from inference_gateway.proxy.payload import Caps, Payload, choices, parse, upstream_body
-from inference_gateway.proxy.relay import CLIENT_CLOSED, Exchange, Outcome, Relay
+from inference_gateway.proxy.relay import CLIENT_CLOSED, Exchange, Outcome, Pending, Relay
 from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.stored_responses import Owner, StoredResponses, not_found
 from inference_gateway.routing.replicas import Replica
@@ -62,6 +63,7 @@ class Context:
     started: float  # monotonic
     started_at: float  # epoch
     payload: Payload | None
+    ticket: Ticket | None  # what it reserved against its limits
 
 
 class Observer(Protocol):
@@ -83,7 +85,7 @@ class ProxyHandler:
     def __init__(self, endpoints: EndpointTable, router: Router, tenants: TenantCaches,
                  meter: Meter, relay: Relay, stored: StoredResponses, caps: Caps,
                  max_body_bytes: int, affinity_chars: int = 0,
-                 observers: Sequence[Observer] = ()) -> None:
+                 observers: Sequence[Observer] = (), admission: Admission | None = None) -> None:
         self.endpoints = endpoints
         self.router = router
         self.tenants = tenants
@@ -94,6 +96,7 @@ class ProxyHandler:
         self.max_body_bytes = max_body_bytes
         self.affinity_chars = affinity_chars
         self.observers = tuple(observers)
+        self.admission = admission
         self._estimates: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -114,9 +117,11 @@ class ProxyHandler:
             for observer in self.observers:
                 observer.refused(request.path, gone)
             raise
+        if context.ticket is not None:
+            headers.update(context.ticket.headers)
 
-        def done(outcome: Outcome) -> None:
-            self._finish(context, outcome)
+        def done(outcome: Outcome) -> Pending:
+            return self._finish(context, outcome)
 
         return await self.relay.forward(request, exchange, headers, done)
 
@@ -167,6 +172,10 @@ class ProxyHandler:
                     raise GatewayError(503, f"no server of the model `{served}` is available "
                                        "right now; retry later", code="model_unavailable")
             body = upstream_body(raw, endpoint, payload, served)
+        ticket = None
+        if payload is not None and self.admission is not None:  # the last step before sending
+            ticket = await self.admission.admit(tenant, served, payload.fields, len(body),
+                                                endpoint.generates)
         streamed = payload is not None and payload.stream
         exchange = Exchange(
             method=request.method, targets=targets, path=f"{path}?{query}" if query else path,
@@ -174,7 +183,7 @@ class ProxyHandler:
             reader=self._reader(endpoint, payload) if streamed else None,
         )
         context = Context(request_id, tenant, served, requested, path, streamed,
-                          endpoint.bills, started, started_at, payload)
+                          endpoint.bills, started, started_at, payload, ticket)
         return exchange, context
 
     def _affinity(self, payload: Payload) -> bytes | None:
@@ -223,7 +232,7 @@ class ProxyHandler:
 
     # -- after the answer -----------------------------------------------------------------------
 
-    def _finish(self, context: Context, outcome: Outcome) -> None:
+    def _finish(self, context: Context, outcome: Outcome) -> Pending:
         if self.observers and context.payload is not None:
             outcome.choices = choices(context.payload.fields)
         record = self._record(context, outcome)
@@ -236,14 +245,19 @@ class ProxyHandler:
                 self._estimate(record, reader, context, outcome))
             self._estimates.add(task)
             task.add_done_callback(self._estimates.discard)
-            return
-        self._submit(record, outcome)
+            return None
+        return self._submit(record, outcome, context.ticket)
 
-    def _submit(self, record: UsageRecord, outcome: Outcome) -> None:
-        """The finished record: to the spool first (it must not be lost), then the observers."""
+    def _submit(self, record: UsageRecord, outcome: Outcome, ticket: Ticket | None) -> Pending:
+        """The finished record: to the spool first (it must not be lost), then the limits
+        settle its reservation and the observers hear of it."""
         self.meter.submit(record)
+        settling = None
+        if ticket is not None and self.admission is not None:
+            settling = self.admission.settle(ticket, record)
         for observer in self.observers:
             observer.finished(record, outcome)
+        return settling
 
     @staticmethod
     def _record(context: Context, outcome: Outcome) -> UsageRecord:
@@ -286,4 +300,4 @@ class ProxyHandler:
                         "could not count them", record.request_id, reader.deltas)
         self._submit(replace(record, prompt_tokens=prompt or record.prompt_tokens,
                              completion_tokens=reader.deltas if completion is None
-                             else completion), outcome)
+                             else completion), outcome, context.ticket)

@@ -39,6 +39,9 @@ _REQUEST_HEADERS = [("Content-Type", "application/json"), ("Accept-Encoding", "i
 CLIENT_CLOSED = 499  # as nginx logs a request whose client went away before the answer
 
 StreamReader = StreamFilter | EventStream
+# What finishing a request started that its answer's last bytes wait for (its rate limits
+# settling), so that a client that sends its next request on the last byte finds it done.
+Pending = asyncio.Future[None] | None
 RETRY_STATUSES = frozenset({503})  # a replica that is busy or draining: another may serve
 
 
@@ -96,6 +99,11 @@ def _failure(exc: UpstreamError) -> tuple[int, str, str]:
     return 502, f"the model server could not be reached: {exc}", "upstream_unreachable"
 
 
+async def _wait(pending: Pending) -> None:
+    if pending is not None:
+        await asyncio.wait({pending})  # never raises what it raised: that is logged there
+
+
 def _passthrough(shape: Shape) -> StreamReader:
     """A reader for a stream nobody prepared for: relays every byte, reads what usage it can."""
     return StreamFilter(True, True) if shape == "openai" else EventStream(shape)
@@ -143,24 +151,26 @@ class Relay:
 
     async def forward(self, request: web.Request, exchange: Exchange,
                       response_headers: dict[str, str],
-                      done: Callable[[Outcome], None]) -> web.StreamResponse:
-        """Send the exchange upstream and relay the answer; ``done`` gets the outcome once."""
+                      done: Callable[[Outcome], Pending]) -> web.StreamResponse:
+        """Send the exchange upstream and relay the answer; ``done`` gets the outcome once,
+        and what it returns is waited for before the answer's last bytes go out."""
         outcome = Outcome()
         reported = False
         serving: list[tuple[Target, str | None]] = []  # the replica answering, how it failed
 
-        def report() -> None:
+        def report() -> Pending:
             nonlocal reported
-            if not reported:
-                reported = True
-                for target, failure in serving:
-                    target.finish(failure)
-                reader = outcome.reader
-                if reader is not None:
-                    outcome.upstream_id = reader.upstream_id
-                    if exchange.bills and not outcome.disconnected:
-                        outcome.usage, outcome.final = reader.usage, reader.final
-                done(outcome)
+            if reported:
+                return None
+            reported = True
+            for target, failure in serving:
+                target.finish(failure)
+            reader = outcome.reader
+            if reader is not None:
+                outcome.upstream_id = reader.upstream_id
+                if exchange.bills and not outcome.disconnected:
+                    outcome.usage, outcome.final = reader.usage, reader.final
+            return done(outcome)
 
         try:
             return await self._forward(request, exchange, outcome, response_headers, report,
@@ -204,7 +214,7 @@ class Relay:
         raise AssertionError("no replica to send to")  # the handler checks there is one
 
     async def _forward(self, request: web.Request, exchange: Exchange, outcome: Outcome,
-                       response_headers: dict[str, str], report: Callable[[], None],
+                       response_headers: dict[str, str], report: Callable[[], Pending],
                        serving: list[tuple[Target, str | None]]) -> web.StreamResponse:
         sent = await self._send(exchange, outcome, serving)
         if isinstance(sent, UpstreamError):
@@ -230,7 +240,7 @@ class Relay:
                 outcome.upstream_id = read_id(data)
             elif answer.status >= 400:
                 data = from_framework(answer.status, data, exchange.dialect) or data
-            report()  # the response is sent after the handler returns
+            await _wait(report())  # the response is sent after the handler returns
             return web.Response(status=answer.status, reason=answer.reason or None, body=data,
                                 headers=_copy_headers(answer, response_headers))
         finally:
@@ -250,7 +260,7 @@ class Relay:
     async def _stream(self, request: web.Request, answer: Response, exchange: Exchange,
                       reader: StreamReader, outcome: Outcome,
                       response_headers: dict[str, str],
-                      report: Callable[[], None]) -> web.StreamResponse:
+                      report: Callable[[], Pending]) -> web.StreamResponse:
         outcome.status = answer.status
         upstream = outcome.replica or ""
         if isinstance(reader, StreamFilter):
@@ -273,14 +283,14 @@ class Relay:
                 status, message, code = _failure(exc)
                 outcome.status = status
                 await response.write(reader.finish() + reader.error_event(message, code))
-                report()
+                await _wait(report())
                 await response.write_eof()
                 return response
             outcome.upstream_done_at = time.monotonic()
             rest = reader.finish()
             if rest:
                 await response.write(rest)
-            report()
+            await _wait(report())
             await response.write_eof(reader.tail())
         except ConnectionResetError:
             # The client went away: the reader holds what it was sent.
