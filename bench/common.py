@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,18 @@ def dev_database_url() -> str:
         if line.removeprefix("export ").startswith("DATABASE_URL="):
             return line.split("=", 1)[1]
     raise RuntimeError(".dev/env has no DATABASE_URL")
+
+
+def dev_redis_url() -> str:
+    """The project's dev Redis (started if need be), for the rate limits' counters."""
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    subprocess.run([str(ROOT / "scripts" / "dev-redis.sh")], check=True,
+                   stdout=subprocess.DEVNULL)
+    for line in (ROOT / ".dev" / "env").read_text().splitlines():
+        if line.removeprefix("export ").startswith("REDIS_URL="):
+            return line.split("=", 1)[1]
+    raise RuntimeError(".dev/env has no REDIS_URL")
 
 
 async def scratch_database(admin_url: str, name: str) -> str:

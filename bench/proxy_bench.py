@@ -61,9 +61,10 @@ import proxy_report
 import proxy_streams
 from proxy_procs import FIXTURES, Service
 
+from inference_gateway.admission.limits import set_limit
 from inference_gateway.db.migrate import migrate
 
-from common import ROOT, dev_database_url, scratch_database
+from common import ROOT, dev_database_url, dev_redis_url, scratch_database
 
 T = TypeVar("T")
 
@@ -245,16 +246,20 @@ def measure_target(run: Run, target: Target, min_duration: float = 0) -> dict[st
     return out
 
 
-def gateway_target(run: Run, backend: Service, workers: int,
-                   replicas: int = 1, metrics: bool = True) -> dict[str, Any]:
+def gateway_target(run: Run, backend: Service, workers: int, replicas: int = 1,
+                   metrics: bool = True, limits: bool = False) -> dict[str, Any]:
     key = f"gateway_{workers}w" + (f"_{replicas}r" if replicas > 1 else "") + (
-        "" if metrics else "_nometrics")
+        "" if metrics else "_nometrics") + ("_limits" if limits else "")
     label = f"gateway, {workers} worker{'s' if workers > 1 else ''}" + (
-        f", {replicas} replicas" if replicas > 1 else "") + ("" if metrics else ", no metrics")
+        f", {replicas} replicas" if replicas > 1 else "") + ("" if metrics else ", no metrics") + (
+        ", limits on" if limits else "")
     # The backend listens on 127.0.0.1 to 127.0.0.3: the same server as distinct replicas.
     urls = "|".join(backend.url.replace("127.0.0.1", f"127.0.0.{i + 1}")
                     for i in range(replicas))
     extra = {} if metrics else {"METRICS_ENABLED": "false"}
+    if limits:  # every counter kind touched on every request, none ever refusing
+        extra["REDIS_URL"] = dev_redis_url()
+        run_async(bench_limits(run.database_url, run.org, on=True))
     gateway = run.keep(proxy_procs.start_gateway(run.tmp, key, run.database_url,
                                                  {MODEL: urls}, workers, extra))
     try:
@@ -272,7 +277,23 @@ def gateway_target(run: Run, backend: Service, workers: int,
         settle_gateway(run, gateway)
         raise
     out["settle"] = settle_gateway(run, gateway)
+    if limits:
+        run_async(bench_limits(run.database_url, run.org, on=False))
     return out
+
+
+async def bench_limits(database_url: str, org: str, on: bool) -> None:
+    """Limits on the run's organization that never refuse, or none."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        if on:
+            await set_limit(conn, org, None, None, None, {
+                "requests_per_minute": 2_000_000_000, "tokens_per_minute": 10**15,
+                "max_concurrent": 1_000_000, "tokens_per_month": 10**15})
+        else:
+            await conn.execute("DELETE FROM inference.limits WHERE organization_id = $1", org)
+    finally:
+        await conn.close()
 
 
 def litellm_target(run: Run, backend: Service, workers: int) -> dict[str, Any]:
@@ -577,6 +598,15 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         p50 = (c1_on["p50_us"] - c1_off["p50_us"]) / 1000
         check("p50 added by metrics at c=1, 2 workers", _r(p50, 3), "<= 0.03 ms",
               p50 <= 0.03, "ms")
+    c1_limits = t.get("gateway_1w_limits", {}).get("json_c1")
+    c1_free = t.get("gateway_1w", {}).get("json_c1")
+    if c1_limits and c1_free:
+        limits_cost = 1 - c1_limits["rps"] / c1_free["rps"]
+        check("req/s lost to rate limits at c=1, 1 worker", _r(limits_cost * 100, 1), "<= 10",
+              limits_cost <= 0.10, "%")
+        p50 = (c1_limits["p50_us"] - c1_free["p50_us"]) / 1000
+        check("p50 added by rate limits at c=1, 1 worker", _r(p50, 3), "<= 0.15 ms",
+              p50 <= 0.15, "ms")
     for workers in (1, 2):  # equal worker counts, equal windows
         mine, lite = rps(f"gateway_{workers}w", "json_c32"), rps(f"litellm_{workers}w", "json_c32")
         lratio = mine / lite if mine and lite else None
@@ -767,6 +797,11 @@ def main(argv: list[str]) -> int:
         targets["gateway_2w_nometrics"] = phase(
             "gateway, 2 workers, metrics off", run,
             functools.partial(gateway_target, run, backend, 2, 1, False))
+        # What rate limits cost: one worker, Redis on loopback, every kind of limit on the
+        # run's organization (the last gateway target: the others must not see the limits).
+        targets["gateway_1w_limits"] = phase(
+            "gateway, 1 worker, rate limits on", run,
+            functools.partial(gateway_target, run, backend, 1, limits=True))
         if opts.litellm:
             for workers in (1, 2):
                 targets[f"litellm_{workers}w"] = phase(

@@ -12,6 +12,7 @@ cd "$root"
 
 scripts/bootstrap.sh
 scripts/dev-postgres.sh >/dev/null
+scripts/dev-redis.sh >/dev/null  # the rate limits' counters, for the limits-on target
 
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
