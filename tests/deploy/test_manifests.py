@@ -148,12 +148,14 @@ def test_prepared_service_monitor_targets_the_pods() -> None:
 def test_compose_runs_the_same_stack() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "vllm", "migrate", "gateway", "prometheus"}
+    assert set(services) == {"postgres", "vllm", "migrate", "redis", "gateway", "prometheus"}
     assert "shared_preload_libraries=pg_cron" in services["postgres"]["command"]
     gateway = services["gateway"]
     assert set(gateway["environment"]) <= SETTINGS
     assert gateway["environment"]["MIGRATE_ON_START"] == "false"
     assert gateway["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert gateway["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["migrate"]["command"] == ["migrate"]
     assert gateway["volumes"][0].endswith(":/var/lib/inference-gateway/spool")
     model, _, url = gateway["environment"]["MODEL_SERVICE_PORT_MAP"].partition("=")
