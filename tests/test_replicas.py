@@ -15,23 +15,26 @@ MODEL = "facebook/opt-125m"
 CONNECTIONS = 32
 
 
-async def _load(gateway: Proc, tenant: tuple[str, str], requests: int,
+async def _load(gateway: Proc | list[Proc], tenant: tuple[str, str], requests: int,
                 body: dict[str, object]) -> list[str]:
-    """``requests`` requests over ``CONNECTIONS`` connections; their request ids."""
+    """``requests`` requests over ``CONNECTIONS`` connections (spread over the gateways);
+    their request ids."""
     ids: list[str] = []
     queue = iter(range(requests))
     headers = {"X-TEMBO-ORG": tenant[0], "X-TEMBO-INSTANCE": tenant[1]}
+    gateways = gateway if isinstance(gateway, list) else [gateway]
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def client(session: aiohttp.ClientSession, url: str) -> None:
         for _ in queue:
-            async with session.post(f"{gateway.url}/v1/chat/completions", json=body,
+            async with session.post(f"{url}/v1/chat/completions", json=body,
                                     headers=headers) as response:
                 assert response.status == 200, await response.text()
                 await response.read()
                 ids.append(response.headers["X-Request-Id"])
 
     async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(client(session) for _ in range(CONNECTIONS)))
+        await asyncio.gather(*(client(session, gateways[i % len(gateways)].url)
+                               for i in range(CONNECTIONS)))
     return ids
 
 
@@ -48,6 +51,13 @@ def _stack(tmp: Path, database_url: str, tpot_ms: list[float]) -> tuple[Proc, li
     gateway = start_gateway(tmp, database_url, sims[0].url,
                             MODEL_SERVICE_PORT_MAP=f"{MODEL}={urls}")
     return gateway, sims
+
+
+def _fleet(tmp: Path, database_url: str, sims: list[Proc]) -> list[Proc]:
+    """Two gateway instances of two workers each: four processes, each with its own counts."""
+    urls = "|".join(s.url for s in sims)
+    return [start_gateway(tmp, database_url, sims[0].url, WEBSERVER_WORKERS="2",
+                          MODEL_SERVICE_PORT_MAP=f"{MODEL}={urls}") for _ in range(2)]
 
 
 BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
@@ -81,6 +91,27 @@ async def test_equal_replicas_get_equal_shares(session_tmp: Path, database_url: 
             sim.stop()
     counts = [shares[s.url] for s in sims]
     assert max(counts) <= min(counts) * 1.10, shares
+
+
+async def test_the_balance_holds_across_workers_and_gateways(
+    session_tmp: Path, database_url: str, tenant: tuple[str, str]
+) -> None:
+    """Each of four processes knows only its own requests in flight; what the replicas' /metrics
+    say of the others' makes them share the load as one process would."""
+    sims = [start_simulator(session_tmp, "--model", MODEL, "--tpot-ms", str(t), "--ttft-ms",
+                            str(t)) for t in (5, 5, 20)]  # the third is 4x slower
+    gateways = _fleet(session_tmp, database_url, sims)
+    try:
+        ids = await _load(gateways, tenant, 900, BODY)
+        shares = await _shares(database_url, tenant, len(ids))
+    finally:
+        for proc in [*gateways, *sims]:
+            proc.stop()
+    fast = [shares[sims[0].url], shares[sims[1].url]]
+    slow = shares[sims[2].url]
+    assert sum(shares.values()) == 900 and slow > 0, shares
+    assert slow <= min(fast) / 3, shares
+    assert max(fast) <= min(fast) * 1.10, shares
 
 
 async def test_a_busy_replica_is_skipped_and_the_request_served_once(
