@@ -177,7 +177,8 @@ def test_a_full_disk_cuts_the_torn_tail_and_keeps_every_appended_record(
     after = Spool(small_disk / "spool", segment_bytes=1 << 20)
     after.open()
     assert drain(after) == (appended + more, 0)
-    assert after.stats == SpoolStats()  # nothing torn, nothing corrupt
+    replayed = len(appended) + len(more)  # nothing torn, nothing corrupt, nothing else
+    assert after.stats == SpoolStats(replayed=replayed, acknowledged=replayed)
     after.close()
 
 
@@ -208,7 +209,7 @@ def test_a_failed_append_leaves_the_segment_well_formed(
     after = Spool(tmp_path, segment_bytes=1 << 20)
     after.open()
     assert drain(after) == ([0, 1, 2, 4], 0)
-    assert after.stats == SpoolStats()
+    assert after.stats == SpoolStats(replayed=4, acknowledged=4)
     after.close()
 
 
@@ -421,5 +422,5 @@ async def test_postgres_lost_mid_copy_the_batch_is_rewound_and_stored_once(
     assert sorted((r["id"], r["n"]) for r in stored) == sorted(
         (r.request_id, 1) for r in batch + later)
     assert meter.health.written == 1100
-    assert meter.spool.stats == SpoolStats()
+    assert meter.spool.stats == SpoolStats(appended=1100, acknowledged=1100)
     assert not (tmp_path / DEAD_LETTER_FILE).exists()
