@@ -17,7 +17,9 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import redis.exceptions
 
@@ -135,7 +137,12 @@ class Admission:
         if not checks:
             return None
         ticket = uuid.uuid4().hex
-        decision, local = await self._decide(checks, ticket)
+        try:
+            decision, local = await self._decide(checks, ticket)
+        except asyncio.CancelledError:  # the client left; Redis may have admitted it all the same
+            if self.redis is not None:
+                self._in_background(self._release(checks, ticket))
+            raise
         if decision is None:
             return None
         if not decision.admitted:
@@ -185,10 +192,22 @@ class Admission:
         self.local.settle(ticket.checks, ticket.id, ticket.taken, actual)
         if ticket.local or self.redis is None:
             return None
-        task = asyncio.get_running_loop().create_task(self._settle(ticket, actual))
+        return self._in_background(self._settle(ticket, actual))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         return task
+
+    async def _release(self, checks: list[Check], ticket: str) -> None:
+        """Give back the places and the minute's tokens of a request that never ran. (What a
+        quota reserved stays counted: the amount is not known here.)"""
+        assert self.redis is not None
+        try:
+            await self.redis.settle(checks, ticket, [0] * len(checks), [0] * len(checks))
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            log.warning("rate limits: could not release a reservation (%s)", exc)
 
     async def _settle(self, ticket: Ticket, actual: list[int]) -> None:
         assert self.redis is not None

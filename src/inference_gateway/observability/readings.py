@@ -80,9 +80,8 @@ class Pipeline:
 
 
 def tenants(into: Snapshot, caches: TenantCaches) -> None:
-    for name, cache in (("org gate", caches.orgs), ("API keys", caches.keys)):
-        if cache is not None:  # never loaded yet: as old as the gateway
-            put(into, c.CACHE_AGE, (name,), cache.loaded_at or _STARTED)
+    for name in caches.names():  # the org gate, the keys, the limits; never loaded: as old as us
+        put(into, c.CACHE_AGE, (name,), caches.loaded_at.get(name) or _STARTED)
 
 
 def malformed(into: Snapshot, counter: MalformedRequests | None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +60,14 @@ class TenantCaches:
         self._failing: set[str] = set()
         self._reloading: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        self.loaded_at: dict[str, float] = {}  # when each cache last reloaded (Unix time)
 
     def identify(self, headers: Mapping[str, str]) -> Tenant:
         return identify(headers, self.settings.auth_mode, self.keys, self.orgs)
+
+    def names(self) -> list[str]:
+        """The caches this process keeps, by name (for their age in the metrics)."""
+        return [cache.name for cache in self._caches()]
 
     def _caches(self) -> list[Cache]:
         caches: list[Cache] = []
@@ -118,6 +124,7 @@ class TenantCaches:
                 log.error("cannot reload the %s from Postgres (%s); keeping the last copy",
                           name, exc)
             return
+        self.loaded_at[name] = time.time()
         if name in self._failing:
             self._failing.discard(name)
             log.info("reloaded the %s from Postgres again", name)

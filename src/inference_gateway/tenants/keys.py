@@ -47,7 +47,6 @@ class KeyRing:
     def __init__(self) -> None:
         self._by_hash: dict[bytes, KeyEntry] = {}
         self._used: dict[int, float] = {}
-        self.loaded_at: float | None = None  # when the last reload succeeded (Unix time)
 
     @staticmethod
     def recognizes(token: str) -> bool:
@@ -74,7 +73,6 @@ class KeyRing:
             )
             for row in rows
         }
-        self.loaded_at = time.time()
 
     async def _write_last_used(self, conn: asyncpg.Connection) -> None:
         used, self._used = self._used, {}

@@ -8,8 +8,6 @@ outage can delay a change, never open the gate to an organization that was not a
 
 from __future__ import annotations
 
-import time
-
 import asyncpg
 
 
@@ -18,7 +16,6 @@ class OrgGate:
 
     def __init__(self) -> None:
         self._valid: frozenset[str] = frozenset()
-        self.loaded_at: float | None = None  # when the last reload succeeded (Unix time)
 
     def allows(self, org: str) -> bool:
         return org in self._valid
@@ -26,7 +23,6 @@ class OrgGate:
     async def refresh(self, conn: asyncpg.Connection) -> None:
         rows = await conn.fetch("SELECT org_id FROM inference.org_validation WHERE valid")
         self._valid = frozenset(row["org_id"] for row in rows)
-        self.loaded_at = time.time()
 
 
 async def set_valid(conn: asyncpg.Connection, org: str, valid: bool) -> None:
