@@ -397,6 +397,34 @@ def test_workers_that_keep_dying_at_start_up_stop_the_gateway(
     assert result.stderr.count("starting a new one") <= 2 * 2
 
 
+def test_workers_stop_when_their_supervisor_is_killed(
+    session_tmp: Path, database_url: str, simulator: Proc
+) -> None:
+    """SIGKILL leaves the supervisor no chance to stop its workers: they stop themselves,
+    gracefully, instead of serving the port unsupervised."""
+    import os
+    import signal
+    import time
+
+    gateway = start_gateway(session_tmp, database_url, simulator.url, WEBSERVER_WORKERS="2")
+    pid = gateway.popen.pid
+    deadline = time.monotonic() + 10
+    workers: list[int] = []
+    while len(workers) < 2:
+        assert time.monotonic() < deadline, "the workers did not start"
+        workers = [int(w) for w in
+                   Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        time.sleep(0.05)
+    gateway.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{w}").exists() for w in workers):
+        assert time.monotonic() < deadline, f"workers {workers} outlived their supervisor"
+        time.sleep(0.1)
+    with pytest.raises(OSError):  # nobody serves the port any more
+        post(f"{gateway.url}/lively", b"", {})
+    assert "stopping: finishing in-flight requests" in gateway.log.read_text()
+
+
 def test_refuses_with_503_rather_than_serve_unmetered(
     session_tmp: Path, database_url: str, simulator: Proc, tenant: tuple[str, str]
 ) -> None:

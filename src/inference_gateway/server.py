@@ -8,6 +8,8 @@ lets in-flight requests finish, drains the usage spool, and exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import gc
 import logging
 import multiprocessing
@@ -36,6 +38,7 @@ from inference_gateway.settings import Settings
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_SEC = 30.0
+PR_SET_PDEATHSIG = 1  # prctl(2): a signal for this process when its parent dies (Linux)
 # A worker that dies this soon after it started, this many times in a row, stops the gateway.
 STARTUP_GRACE_SEC = 10.0
 STARTUP_ATTEMPTS = 3
@@ -119,12 +122,23 @@ async def _run_worker(settings: Settings) -> None:
     await runner.cleanup()
 
 
-def run_worker(settings: Settings) -> None:
+def _stop_with(supervisor: int) -> None:
+    """Be sent SIGTERM (a graceful stop) when the supervisor dies, even by SIGKILL: a worker
+    left behind would go on serving the port and holding its spool, unsupervised."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before that took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_worker(settings: Settings, supervisor: int | None = None) -> None:
     # A forked worker starts with the supervisor's handlers, which would forward a stop signal
     # to the other workers instead of stopping this one; until its own are installed, the
     # default applies (it has served nothing yet).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    if supervisor is not None:
+        _stop_with(supervisor)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     malformed_requests.install()
@@ -168,7 +182,8 @@ def _supervise(settings: Settings) -> int:
     stopping = False
 
     def spawn(i: int) -> multiprocessing.process.BaseProcess:
-        worker = ctx.Process(target=run_worker, args=(settings,), name=f"worker-{i}")
+        worker = ctx.Process(target=run_worker, args=(settings, os.getpid()),
+                             name=f"worker-{i}")
         worker.start()
         started[i] = time.monotonic()
         return worker
