@@ -402,7 +402,6 @@ def test_workers_stop_when_their_supervisor_is_killed(
 ) -> None:
     """SIGKILL leaves the supervisor no chance to stop its workers: they stop themselves,
     gracefully, instead of serving the port unsupervised."""
-    import os
     import signal
     import time
 
