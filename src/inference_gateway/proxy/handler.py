@@ -9,11 +9,12 @@ the client is gone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, cast
 
 import orjson
 from aiohttp import web
@@ -33,7 +34,16 @@ from inference_gateway.proxy.endpoints import (
 )
 from inference_gateway.proxy.event_streams import EventStream
 from inference_gateway.proxy.payload import Caps, Payload, choices, parse, upstream_body
-from inference_gateway.proxy.relay import CLIENT_CLOSED, Exchange, Outcome, Pending, Relay
+from inference_gateway.proxy.relay import (
+    CLIENT_CLOSED,
+    Answer,
+    Exchange,
+    OpenStream,
+    Outcome,
+    Pending,
+    Relay,
+    aiohttp_stream,
+)
 from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.stored_responses import Owner, StoredResponses, not_found
 from inference_gateway.routing.replicas import Replica
@@ -64,6 +74,27 @@ class Context:
     started_at: float  # epoch
     payload: Payload | None
     ticket: Ticket | None  # what it reserved against its limits
+
+
+class Incoming(Protocol):
+    """What the handler reads of a request: aiohttp's, or the server core's."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...  # decoded, without the query
+
+    @property
+    def raw_path(self) -> str: ...  # as sent, with the query
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...  # looked up case-insensitively
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    async def read(self) -> bytes: ...
 
 
 class Observer(Protocol):
@@ -100,6 +131,12 @@ class ProxyHandler:
         self._estimates: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The aiohttp route."""
+        answer = await self.serve(request, functools.partial(aiohttp_stream, request))
+        return cast(web.StreamResponse, answer)  # a stream it opened is aiohttp's own
+
+    async def serve(self, request: Incoming, open_stream: OpenStream) -> Answer:
+        """Answer one ``/v1`` request, whichever server read it."""
         started, started_at = time.monotonic(), time.time()
         request_id = new_request_id()
         headers = {"X-Request-Id": request_id, **CORS_HEADERS}
@@ -123,7 +160,7 @@ class ProxyHandler:
         def done(outcome: Outcome) -> Pending:
             return self._finish(context, outcome)
 
-        return await self.relay.forward(request, exchange, headers, done)
+        return await self.relay.forward(open_stream, exchange, headers, done)
 
     async def drain(self) -> None:
         """Wait for the records still being counted (at shutdown, before the meter closes)."""
@@ -132,7 +169,7 @@ class ProxyHandler:
 
     # -- before forwarding ----------------------------------------------------------------------
 
-    async def _prepare(self, request: web.Request, request_id: str, started: float,
+    async def _prepare(self, request: Incoming, request_id: str, started: float,
                        started_at: float) -> tuple[Exchange, Context]:
         if not is_normal(request.raw_path):
             raise not_normal()
@@ -146,7 +183,7 @@ class ProxyHandler:
             raise GatewayError(503, "usage metering is unavailable (spool full); retry later",
                                code="metering_unavailable")
         path = request.path
-        query = request.rel_url.raw_query_string
+        query = request.raw_path.partition("?")[2]
         targets: list[Replica]
         if response_id is not None:
             owner = await self._owned(response_id, tenant, "response_id")
@@ -194,7 +231,7 @@ class ProxyHandler:
         prompt = fields.get("messages") or fields.get("input") or fields.get("prompt")
         return orjson.dumps(prompt)[:self.affinity_chars] if prompt else None
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: Incoming) -> bytes:
         limit = self.max_body_bytes
         too_large = GatewayError(413, f"request body is larger than {limit} bytes",
                                  code="request_too_large")

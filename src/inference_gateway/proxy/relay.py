@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +43,31 @@ StreamReader = StreamFilter | EventStream
 # settling), so that a client that sends its next request on the last byte finds it done.
 Pending = asyncio.Future[None] | None
 RETRY_STATUSES = frozenset({503})  # a replica that is busy or draining: another may serve
+
+
+class Stream(Protocol):
+    """Where a streamed answer goes: aiohttp's ``StreamResponse``, or the server core's.
+
+    A write to a client that went away raises ``ConnectionResetError``.
+    """
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def write_eof(self, data: bytes = b"") -> None: ...
+
+
+# Starts a streamed answer to the client: status and headers, then the Stream for its body.
+OpenStream = Callable[[int, list[tuple[str, str]]], Awaitable[Stream]]
+# What the relay answers with: a whole response, or the stream it has written and ended.
+Answer = web.Response | Stream
+
+
+async def aiohttp_stream(request: web.Request, status: int,
+                         headers: list[tuple[str, str]]) -> web.StreamResponse:
+    """``OpenStream`` for an aiohttp request."""
+    response = web.StreamResponse(status=status, headers=headers)
+    await response.prepare(request)
+    return response
 
 
 class Target(Protocol):
@@ -149,9 +174,9 @@ class Relay:
         for pool in self.pools.values():
             pool.close()
 
-    async def forward(self, request: web.Request, exchange: Exchange,
+    async def forward(self, open_stream: OpenStream, exchange: Exchange,
                       response_headers: dict[str, str],
-                      done: Callable[[Outcome], Pending]) -> web.StreamResponse:
+                      done: Callable[[Outcome], Pending]) -> Answer:
         """Send the exchange upstream and relay the answer; ``done`` gets the outcome once,
         and what it returns is waited for before the answer's last bytes go out."""
         outcome = Outcome()
@@ -173,8 +198,8 @@ class Relay:
             return done(outcome)
 
         try:
-            return await self._forward(request, exchange, outcome, response_headers, report,
-                                       serving)
+            return await self._forward(open_stream, exchange, outcome, response_headers,
+                                       report, serving)
         except asyncio.CancelledError:
             outcome.disconnected = True  # the client went away; the upstream was closed
             raise
@@ -213,9 +238,9 @@ class Relay:
             return answer
         raise AssertionError("no replica to send to")  # the handler checks there is one
 
-    async def _forward(self, request: web.Request, exchange: Exchange, outcome: Outcome,
+    async def _forward(self, open_stream: OpenStream, exchange: Exchange, outcome: Outcome,
                        response_headers: dict[str, str], report: Callable[[], Pending],
-                       serving: list[tuple[Target, str | None]]) -> web.StreamResponse:
+                       serving: list[tuple[Target, str | None]]) -> Answer:
         sent = await self._send(exchange, outcome, serving)
         if isinstance(sent, UpstreamError):
             return self._error(sent, exchange, outcome, response_headers)
@@ -225,7 +250,7 @@ class Relay:
             if answer.status == 200 and answer.content_type == "text/event-stream":
                 reader = exchange.reader or _passthrough(exchange.shape)
                 outcome.reader = reader
-                return await self._stream(request, answer, exchange, reader, outcome,
+                return await self._stream(open_stream, answer, exchange, reader, outcome,
                                           response_headers, report)
             try:
                 data = await answer.read()
@@ -257,18 +282,17 @@ class Relay:
                             body=error_body(status, message, code=code,
                                             dialect=exchange.dialect))
 
-    async def _stream(self, request: web.Request, answer: Response, exchange: Exchange,
+    async def _stream(self, open_stream: OpenStream, answer: Response, exchange: Exchange,
                       reader: StreamReader, outcome: Outcome,
                       response_headers: dict[str, str],
-                      report: Callable[[], Pending]) -> web.StreamResponse:
+                      report: Callable[[], Pending]) -> Stream | web.Response:
         outcome.status = answer.status
         upstream = outcome.replica or ""
         if isinstance(reader, StreamFilter):
             reader.trailer = self.trailers.get(upstream)
-        response = web.StreamResponse(status=answer.status,
-                                      headers=_copy_headers(answer, response_headers))
+        response: Stream | web.Response = web.Response(status=answer.status)  # if never opened
         try:
-            await response.prepare(request)
+            response = await open_stream(answer.status, _copy_headers(answer, response_headers))
             try:
                 async for chunk in answer.iter_chunks():
                     out = reader.feed(chunk)
