@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -255,12 +256,18 @@ def render(results: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def stopping(services: list[Service]) -> Iterator[None]:
+    """Stop every server started, also on SIGTERM or Ctrl-C."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:
         for service in reversed(services):
             with contextlib.suppress(Exception):
                 service.stop(timeout=30)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str]) -> int:
