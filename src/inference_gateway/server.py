@@ -31,8 +31,9 @@ from inference_gateway.db import leader
 from inference_gateway.db.schedule import maintenance_job
 from inference_gateway.observability import malformed_requests, shared
 from inference_gateway.portal.rollups import rollup_job
-from inference_gateway.proxy.app import create_app
+from inference_gateway.proxy.app import GATEWAY, create_app
 from inference_gateway.proxy.endpoints import check_forwarded
+from inference_gateway.proxy.http import Limits, ServerCore
 from inference_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,15 @@ async def _run_worker(settings: Settings) -> None:
         app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SEC
     )
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    core = None
+    if settings.http_core == "protocol":  # /v1 on the gateway's own core, the rest on aiohttp
+        proxy, app_server = app[GATEWAY].proxy, runner.server
+        assert app_server is not None
+        core = ServerCore(proxy, lambda method, path: proxy.endpoints.match(method, path)
+                          is not None, app_server, Limits(settings.max_request_body_bytes))
+        await core.start(sock)
+    else:
+        await web.SockSite(runner, sock).start()
     # Everything allocated so far lives as long as the process: keep it out of the cyclic
     # collector's full passes, which otherwise show up as multi-millisecond latency spikes.
     gc.collect()
@@ -119,6 +128,8 @@ async def _run_worker(settings: Settings) -> None:
     for task in jobs:
         task.cancel()
     await asyncio.gather(*jobs, return_exceptions=True)
+    if core is not None:
+        await core.close(SHUTDOWN_TIMEOUT_SEC)
     await runner.cleanup()
 
 

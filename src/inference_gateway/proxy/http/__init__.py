@@ -1,0 +1,17 @@
+"""The HTTP/1.1 server core of the ``/v1`` path: an ``asyncio.Protocol`` over llhttp.
+
+aiohttp's server spends more CPU per request than the whole of the gateway's own request path;
+this core parses requests with ``httptools`` (llhttp, the parser Node uses) and hands each one
+for a forwarded endpoint straight to ``ProxyHandler.serve``. Everything else on the port (probes,
+``/metrics``, the usage API and the dashboard, ``/v1/models``) stays with the aiohttp
+application, in the same process: see ``connection`` for how a connection is handed over.
+
+  request      what the handler reads: method, path, headers, the body as it arrives
+  response     writing an answer: whole, or streamed in chunks with the socket's backpressure
+  connection   one client connection: parsing, pipelining, timeouts, the hand-over to aiohttp
+  core         the listening socket, the connections' deadlines, and a graceful stop
+"""
+
+from inference_gateway.proxy.http.core import Limits, ServerCore
+
+__all__ = ["Limits", "ServerCore"]
