@@ -4,15 +4,15 @@
 
 Targets, all on 127.0.0.1, in front of the same fixed nginx backend (bench/nginx/backend.conf):
   nginx hop     nginx as a keep-alive reverse proxy: the yardstick
-  aiohttp       ``inference-gateway serve``: tenant headers, metering into the dev Postgres
-                (scratch database bench_server_core), metrics on
-  protocol      bench/server_core_proto.py: the same gateway, the same handler, relay, pools,
-                meter and observers, behind an asyncio.Protocol server over httptools' parser
+  aiohttp       ``inference-gateway serve`` with HTTP_CORE=aiohttp (the server before the
+                protocol core): tenant headers, metering into the dev Postgres (scratch
+                database bench_server_core), metrics on
+  protocol      ``inference-gateway serve`` as it ships: the same gateway, handler, relay, pools,
+                meter and observers, behind the asyncio.Protocol core over llhttp (proxy/http)
   uvicorn       bench/server_core_asgi.py: uvicorn (httptools, uvloop) and a bare ASGI app that
                 forwards through the gateway's upstream client; no tenant, no metering
-The gateway targets run with one worker, and aiohttp and the protocol core once more with two
-(two processes of the prototype on one port). Each round measures every target at c=1, c=32 and
-c=128 with wrk (a warm-up first), so a busy spell on the machine hits every target alike.
+The gateway targets run with one worker and with two. Each round measures every target at
+c=1, c=32 and c=128 with wrk (a warm-up first), so a busy spell hits every target alike.
 Reported: median req/s over the rounds, p50/p99 at c=1, and the CPU time of the target's
 processes per request. Every response the two metering targets answered must be a row.
 
@@ -99,24 +99,6 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / tick
-
-
-def start_prototype(tmp: Path, name: str, database_url: str, backend: str, port: int,
-                    spool: Path) -> Service:
-    env = {
-        "DATABASE_URL": database_url,
-        "MODEL_SERVICE_PORT_MAP": f"{MODEL}={backend}",
-        "WEBSERVER_HOST": "127.0.0.1",
-        "WEBSERVER_PORT": str(port),
-        "WEBSERVER_WORKERS": "1",
-        "SPOOL_DIR": str(spool),
-        "MIGRATE_ON_START": "false",
-    }
-    service = proxy_procs.start(name, [sys.executable, str(ROOT / "bench" /
-                                                           "server_core_proto.py")],
-                                tmp / f"{name}.log", port, env)
-    proxy_procs.wait_http(service, "/ready", timeout=60)
-    return service
 
 
 def start_uvicorn(tmp: Path, backend: str) -> Service:
@@ -307,18 +289,13 @@ def main(argv: list[str]) -> int:
             proxy_procs.wait_http(svc, CHAT_PATH, method="POST", body=JSON_BODY.read_bytes())
         targets = [Target("nginx_hop", "nginx hop (2 workers)", [hop], False)]
         for workers in (1, 2):
-            gw = proxy_procs.start_gateway(tmp, f"aiohttp_{workers}w", database_url,
-                                           {MODEL: backend.url}, workers)
-            services.append(gw)
-            targets.append(Target(f"aiohttp_{workers}w", f"gateway on aiohttp, {workers}w",
-                                  [gw], True))
-            port = proxy_procs.free_port()
-            spool = tmp / f"spool-protocol-{workers}w"
-            protos = [start_prototype(tmp, f"protocol_{workers}w_{i}", database_url,
-                                      backend.url, port, spool) for i in range(workers)]
-            services.extend(protos)
-            targets.append(Target(f"protocol_{workers}w", f"gateway on the protocol core, "
-                                  f"{workers}w", protos, True))
+            for core, label in (("aiohttp", "aiohttp"), ("protocol", "the protocol core")):
+                gw = proxy_procs.start_gateway(tmp, f"{core}_{workers}w", database_url,
+                                               {MODEL: backend.url}, workers,
+                                               {"HTTP_CORE": core})
+                services.append(gw)
+                targets.append(Target(f"{core}_{workers}w", f"gateway on {label}, {workers}w",
+                                      [gw], True))
         uv = start_uvicorn(tmp, backend.url)
         services.append(uv)
         targets.append(Target("uvicorn", "uvicorn + bare ASGI app, 1w", [uv], False))

@@ -4,7 +4,8 @@
 #   --duration S   seconds per measurement (default 10)   --quick        a 3-second smoke run
 #   --skip-stream  --skip-memory                          --profile S    py-spy a worker under load
 # Results: bench/results/proxy.json and bench/results/proxy.md (--quick: .dev/bench/).
-# Then the scale-out benchmark: bench/results/scaleout.json.
+# Then the server-core benchmark (bench/results/server_core.json) and the scale-out benchmark:
+# bench/results/scaleout.json.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +32,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 .venv/bin/python bench/proxy_bench.py "$@"
+
+# The server core of /v1 against aiohttp's server and uvicorn, in one run
+# (bench/results/server_core.json); only --quick applies to it.
+core_args=()
+for arg in "$@"; do
+  [ "$arg" = --quick ] && core_args+=(--quick)
+done
+.venv/bin/python bench/server_core_bench.py "${core_args[@]}"
 
 # Two gateway instances against one behind HAProxy (bench/results/scaleout.json); only --quick
 # and --duration apply to it.
