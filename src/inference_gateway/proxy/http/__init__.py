@@ -1,8 +1,10 @@
-"""The HTTP/1.1 server core of the ``/v1`` path: an ``asyncio.Protocol`` over llhttp.
+"""An HTTP/1.1 server core for the ``/v1`` path: an ``asyncio.Protocol`` over llhttp.
 
-aiohttp's server spends more CPU per request than the whole of the gateway's own request path;
-this core parses requests with ``httptools`` (llhttp, the parser Node uses) and hands each one
-for a forwarded endpoint straight to ``ProxyHandler.serve``. Everything else on the port (probes,
+Opt-in (``HTTP_CORE=protocol``). It parses requests with ``httptools`` (llhttp, the parser Node
+uses) and hands each one for a forwarded endpoint straight to ``ProxyHandler.serve``, which
+saves 45-75 µs of CPU per request against aiohttp's server; with every feature of the gateway
+on that is 1.05-1.42x the requests per second, short of the 1.5x that would make it the default
+(docs/performance.md, "The server core"). Everything else on the port (probes,
 ``/metrics``, the usage API and the dashboard, ``/v1/models``) stays with the aiohttp
 application, in the same process: see ``connection`` for how a connection is handed over.
 
