@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,19 +222,29 @@ def _whole(received: bytes) -> bool:
 
 async def exchange(port: int, raw: bytes, within: float = 5.0) -> bytes:
     """Send raw bytes; read the answer until it is whole, the server closes, or time is up."""
+    answer, _ = await exchange_noting(port, raw, within)
+    return answer
+
+
+async def exchange_noting(port: int, raw: bytes, within: float) -> tuple[bytes, str]:
+    """The answer, and how the exchange ended (to tell a reset from a silence)."""
+    started = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    received = b""
+    received, stage, ended = b"", "writing", "whole"
     try:
         writer.write(raw)
         await writer.drain()
+        stage = "reading"
         async with asyncio.timeout(within):
             while not _whole(received) and (chunk := await reader.read(1 << 16)):
                 received += chunk
-    except (ConnectionError, TimeoutError):
-        pass
+        if not _whole(received):
+            ended = "closed"
+    except (ConnectionError, TimeoutError) as exc:
+        ended = type(exc).__name__
     finally:
         writer.close()
-    return received
+    return received, f"{ended} while {stage}, after {time.monotonic() - started:.2f} s"
 
 
 def check(sent: Sent, answer: bytes) -> str | None:
@@ -283,8 +294,10 @@ async def test_a_thousand_malformed_requests(stack: tuple[Proc, Proc]) -> None:
     async def one(sent: Sent) -> tuple[Sent, str | None]:
         async with limit:
             # Bytes that are not a whole request may be left waiting for more: give up soon.
-            answer = await exchange(gateway.port, sent.raw, 5.0 if sent.complete else 0.5)
-            return sent, check(sent, answer)
+            answer, ended = await exchange_noting(gateway.port, sent.raw,
+                                                  5.0 if sent.complete else 0.5)
+            problem = check(sent, answer)
+            return sent, problem and f"{problem} ({ended})"
 
     results = await asyncio.gather(*(one(s) for s in requests))
     failures = [f"{s.kind} {s.path[:60]!r}: {problem}" for s, problem in results if problem]
