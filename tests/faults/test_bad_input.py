@@ -300,7 +300,8 @@ async def test_a_thousand_malformed_requests(stack: tuple[Proc, Proc]) -> None:
             return sent, problem and f"{problem} ({ended})"
 
     results = await asyncio.gather(*(one(s) for s in requests))
-    failures = [f"{s.kind} {s.path[:60]!r}: {problem}" for s, problem in results if problem]
+    failures = [f"#{i} {s.kind} {s.path[:60]!r}: {problem}"
+                for i, (s, problem) in enumerate(results) if problem]
     assert not failures, f"{len(failures)} of {COUNT}:\n" + "\n".join(failures[:20])
     kinds = {s.kind for s in requests}
     assert len(kinds) == len(GENERATORS)
