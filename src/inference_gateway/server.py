@@ -25,13 +25,13 @@ from typing import Any
 from aiohttp import web
 
 from inference_gateway.admission.quotas import run_reconciler
+from inference_gateway.app import GATEWAY, create_app
 from inference_gateway.billing.reporter import run_reporter
 from inference_gateway.billing.sinks import open_sink
 from inference_gateway.db import leader
 from inference_gateway.db.schedule import maintenance_job
 from inference_gateway.observability import malformed_requests, shared
 from inference_gateway.portal.rollups import rollup_job
-from inference_gateway.proxy.app import GATEWAY, create_app
 from inference_gateway.proxy.endpoints import check_forwarded
 from inference_gateway.proxy.http import Limits, ServerCore
 from inference_gateway.settings import Settings
@@ -107,8 +107,14 @@ async def _run_worker(settings: Settings) -> None:
     if settings.http_core == "protocol":  # /v1 on the gateway's own core, the rest on aiohttp
         proxy, app_server = app[GATEWAY].proxy, runner.server
         assert app_server is not None
+        malformed = malformed_requests.install()
+
+        def count_malformed() -> None:
+            malformed.count += 1
+
         core = ServerCore(proxy, lambda method, path: proxy.endpoints.match(method, path)
-                          is not None, app_server, Limits(settings.max_request_body_bytes))
+                          is not None, app_server, Limits(settings.max_request_body_bytes),
+                          count_malformed)
         await core.start(sock)
     else:
         await web.SockSite(runner, sock).start()

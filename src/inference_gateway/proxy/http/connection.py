@@ -28,7 +28,6 @@ import httptools
 from aiohttp import web
 
 from inference_gateway.errors import GatewayError
-from inference_gateway.observability import malformed_requests
 from inference_gateway.proxy.handler import Incoming
 from inference_gateway.proxy.http.request import Request
 from inference_gateway.proxy.http.response import StreamOut, head, plain, whole
@@ -346,7 +345,7 @@ class Connection(asyncio.Protocol):
             status, reason = cause.status, cause.reason
         else:
             status, reason = 400, " ".join(str(exc).split()) or type(exc).__name__
-        malformed_requests.install().count += 1
+        self.core.on_malformed()
         log.info("malformed request from %s: %d %s", self.peer, status, reason[:200])
         request, self.parsing = self.parsing, None
         if request is not None:  # its body is malformed: the handler answers it, in its shape

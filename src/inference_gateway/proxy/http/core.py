@@ -25,11 +25,13 @@ class ServerCore:
     """Serves ``native`` requests with ``handler``; gives the rest to ``app_protocol``'s."""
 
     def __init__(self, handler: Handler, native: Callable[[str, str], bool],
-                 app_protocol: Callable[[], asyncio.Protocol], limits: Limits) -> None:
+                 app_protocol: Callable[[], asyncio.Protocol], limits: Limits,
+                 on_malformed: Callable[[], object] = lambda: None) -> None:
         self.handler = handler
         self.native = native  # (method, path) -> whether this core answers it
         self.app_protocol = app_protocol
         self.limits = limits
+        self.on_malformed = on_malformed  # counts what is not HTTP (the metrics own the count)
         self.connections: set[Connection] = set()
         self.closing = False
         self._none_left = asyncio.Event()

@@ -2,7 +2,8 @@
 
 ``/v1`` requests go to ``ProxyHandler``; the rest (models, probes, CORS pre-flight, unknown
 paths) is answered here. Jobs that are not about HTTP (billing, maintenance) are started by the
-worker (see ``server``), not by the application.
+worker (see ``server``), not by the application. It builds and wires every part (proxy,
+admission, observability, portal), so it sits above them all rather than inside one.
 """
 
 from __future__ import annotations
