@@ -8,6 +8,7 @@ import pytest
 
 from inference_gateway.metering.readers import Usage
 from inference_gateway.proxy.event_streams import EventStream
+from inference_gateway.proxy.tokenize import relayed_tokens
 
 
 def _event(kind: str, data: dict[str, object]) -> bytes:
@@ -97,6 +98,22 @@ def test_an_abandoned_stream_knows_what_it_relayed() -> None:
     for e in responses_stream(["x", "y"])[:3]:
         responses.feed(e)
     assert responses.usage is None and responses.relayed_text() == "x"
+
+
+def test_what_an_abandoned_stream_is_billed() -> None:
+    reader = EventStream("responses")
+    for e in responses_stream([" the", " cat", "é", "\u4e2d\u6587"])[:6]:
+        reader.feed(e)
+    # ASCII deltas are one token each; a delta with other characters up to one per byte.
+    assert (reader.deltas, reader.most_tokens) == (4, 1 + 1 + 2 + 6)
+    # The model server's count, kept between one token an event and what the events can hold.
+    assert relayed_tokens(4, 10, 7, {"input": "x"}) == 7
+    assert relayed_tokens(4, 10, 12, {"input": "x"}) == 10  # re-tokenized longer than possible
+    assert relayed_tokens(4, 10, 3, {"input": "x"}) == 4
+    assert relayed_tokens(4, 10, None, {"input": "x"}) == 4  # it could not count: the events
+    # Stop strings make vLLM hold ASCII text back as well: only the lower bound holds then.
+    assert relayed_tokens(4, 4, 9, {"stop_sequences": ["END"]}) == 9
+    assert relayed_tokens(4, 4, 9, {"stop": "\n"}) == 9
 
 
 def test_error_events_in_each_dialect() -> None:

@@ -48,7 +48,7 @@ class EventStream:
     """Splits a stream of named events, notes usage, id and relayed text, holds back the end."""
 
     __slots__ = ("_buffer", "_held", "_shape", "_text", "_text_chars", "deltas", "final",
-                 "upstream_id", "usage")
+                 "most_tokens", "upstream_id", "usage")
 
     def __init__(self, shape: Shape) -> None:
         self._shape = shape
@@ -60,6 +60,10 @@ class EventStream:
         self.final = False  # the answer's own complete usage arrived
         self.upstream_id: str | None = None
         self.deltas = 0  # events that carried generated text
+        # The most tokens those events can hold: vLLM sends a token's text as soon as it is
+        # whole, so a delta of ASCII text is one token; only a token that ends inside a
+        # multi-byte character is held back and sent with the next, each at least one byte.
+        self.most_tokens = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send to the client now: the complete events that arrived, up to the end."""
@@ -120,6 +124,7 @@ class EventStream:
     def _keep_text(self, text: object) -> None:
         if isinstance(text, str) and text:
             self.deltas += 1
+            self.most_tokens += 1 if text.isascii() else len(text.encode())
             if self._text_chars < MAX_TEXT_CHARS:
                 self._text.append(text)
                 self._text_chars += len(text)

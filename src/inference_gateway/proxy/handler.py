@@ -330,11 +330,12 @@ class ProxyHandler:
         if reader.usage is None and context.payload is not None:  # a Responses stream
             prompt = await tokenize.count_messages(
                 pool, context.served_model, tokenize.responses_messages(context.payload.fields))
-        completion = await tokenize.count_text(pool, context.served_model,
-                                               reader.relayed_text())
-        if prompt is None or completion is None:
+        counted = await tokenize.count_text(pool, context.served_model, reader.relayed_text())
+        if prompt is None or counted is None:
             log.warning("request %s: billed %d relayed events as tokens; the model server "
                         "could not count them", record.request_id, reader.deltas)
         self._submit(replace(record, prompt_tokens=prompt or record.prompt_tokens,
-                             completion_tokens=reader.deltas if completion is None
-                             else completion), outcome, context.ticket)
+                             completion_tokens=tokenize.relayed_tokens(
+                                 reader.deltas, reader.most_tokens, counted,
+                                 context.payload.fields if context.payload else None)),
+                     outcome, context.ticket)

@@ -81,6 +81,22 @@ async def count_text(pool: Pool, model: str, text: str) -> int | None:
     return await count(pool, model, {"prompt": text, "add_special_tokens": False})
 
 
+def relayed_tokens(deltas: int, most: int, counted: int | None,
+                   fields: dict[str, Any] | None) -> int:
+    """What to bill for ``deltas`` text events relayed, which ``/tokenize`` ``counted``.
+
+    Re-tokenized text can come out a few tokens longer than what was generated (the tokenizer
+    merges what the model produced apart), so the count is kept within what the events can
+    hold (``most``) and never below one token an event. Stop strings make vLLM hold ASCII text
+    back too, and then only the lower bound applies.
+    """
+    if counted is None:
+        return deltas
+    if fields and (fields.get("stop") or fields.get("stop_sequences")):
+        return max(deltas, counted)
+    return max(deltas, min(counted, most))
+
+
 async def count_messages(pool: Pool, model: str, messages: list[dict[str, str]]) -> int | None:
     if not messages:
         return 0
