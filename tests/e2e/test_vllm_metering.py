@@ -327,27 +327,32 @@ async def _send(client: openai.AsyncOpenAI, endpoint: Endpoint,
     return stream.response.headers.get("X-Request-Id", ""), seen
 
 
+async def _vllm_usage(direct: openai.AsyncOpenAI, requests: list[tuple[Endpoint, dict[str, Any]]],
+                      answers: list[tuple[str, dict[str, int] | None]],
+                      index: int) -> dict[str, int]:
+    """vLLM's count of a request: the usage its client saw, or the same request sent to vLLM
+    directly with usage on."""
+    seen = answers[index][1]
+    if seen is not None:
+        return seen
+    endpoint, body = requests[index]
+    _, usage = await _send(direct, endpoint, body | {"stream_options": {"include_usage": True}})
+    assert usage is not None
+    return usage
+
+
 async def test_fifty_concurrent_mixed_requests(
     vllm: VllmServer, vllm_gateway: Proc, database_url: str, tenant: tuple[str, str]
 ) -> None:
     requests = [mixed_request(i) for i in range(50)]
-    gateway = async_sdk(vllm_gateway.url, tenant)
-    answers = await asyncio.gather(*(_send(gateway, e, b) for e, b in requests))
-    # vLLM's count of each request: the usage its client saw, or for a stream that did not ask
-    # for usage, the same request sent to vLLM directly with usage on.
-    direct = async_sdk(vllm.url)
-
-    async def vllm_usage(index: int) -> dict[str, int]:
-        seen = answers[index][1]
-        if seen is not None:
-            return seen
-        endpoint, body = requests[index]
-        _, usage = await _send(direct, endpoint,
-                               body | {"stream_options": {"include_usage": True}})
-        assert usage is not None
-        return usage
-
-    expected = await asyncio.gather(*(vllm_usage(i) for i in range(len(requests))))
+    # Clients are closed on every way out: a socket left to the garbage collector is closed
+    # behind the session's event loop, which then never hears of a later socket on its number.
+    async with async_sdk(vllm_gateway.url, tenant) as gateway, async_sdk(vllm.url) as direct:
+        answers = await asyncio.gather(*(_send(gateway, e, b) for e, b in requests))
+        # vLLM's count of each request: the usage its client saw, or for a stream that did not
+        # ask for usage, the same request sent to vLLM directly with usage on.
+        expected = await asyncio.gather(*(_vllm_usage(direct, requests, answers, i)
+                                          for i in range(len(requests))))
     stored = await row_async(database_url, [request_id for request_id, _ in answers], 30)
     assert len(stored) == 50 and all(r["organization_id"] == tenant[0] for r in stored)
     for record, usage, (_, body) in zip(stored, expected, requests, strict=True):
@@ -358,5 +363,3 @@ async def test_fifty_concurrent_mixed_requests(
     assert sum(r["prompt_tokens"] for r in stored) == sum(u["prompt_tokens"] for u in expected)
     assert sum(r["completion_tokens"] for r in stored) == sum(
         u["completion_tokens"] for u in expected)
-    await gateway.close()
-    await direct.close()

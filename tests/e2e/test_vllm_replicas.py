@@ -47,28 +47,29 @@ async def test_both_replicas_serve_and_records_equal_vllms_usage(
     pair: Proc, database_url: str, tenant: tuple[str, str], vllm: VllmServer,
     vllm_second: VllmServer,
 ) -> None:
-    client = async_sdk(pair.url, tenant)
-    limit = asyncio.Semaphore(6)
+    async with async_sdk(pair.url, tenant) as client:
+        limit = asyncio.Semaphore(6)
 
-    async def one(i: int) -> tuple[str, tuple[int, int]]:
-        async with limit:
-            if i % 2:
-                raw = await client.chat.completions.with_raw_response.create(
-                    model=SERVED_MODEL, max_tokens=3 + i % 4, temperature=0,
-                    messages=[{"role": "user", "content": "Hello! " * (1 + i % 3)}],
-                    extra_body={"ignore_eos": True})
-            else:
-                raw = await client.completions.with_raw_response.create(
-                    model=SERVED_MODEL, max_tokens=3 + i % 4, temperature=0,
-                    prompt="The quick brown fox " * (1 + i % 3), extra_body={"ignore_eos": True})
-            usage = raw.parse().usage
-            assert usage is not None
-            return raw.headers["X-Request-Id"], (usage.prompt_tokens, usage.completion_tokens)
+        async def one(i: int) -> tuple[str, tuple[int, int]]:
+            async with limit:
+                if i % 2:
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model=SERVED_MODEL, max_tokens=3 + i % 4, temperature=0,
+                        messages=[{"role": "user", "content": "Hello! " * (1 + i % 3)}],
+                        extra_body={"ignore_eos": True})
+                else:
+                    raw = await client.completions.with_raw_response.create(
+                        model=SERVED_MODEL, max_tokens=3 + i % 4, temperature=0,
+                        prompt="The quick brown fox " * (1 + i % 3),
+                        extra_body={"ignore_eos": True})
+                usage = raw.parse().usage
+                assert usage is not None
+                return raw.headers["X-Request-Id"], (usage.prompt_tokens, usage.completion_tokens)
 
-    answers = await asyncio.gather(*(one(i) for i in range(24)))
-    rows = await row_async(database_url, [request_id for request_id, _ in answers])
-    for (_, usage), stored in zip(answers, rows, strict=True):
-        assert (stored["prompt_tokens"], stored["completion_tokens"]) == usage
+        answers = await asyncio.gather(*(one(i) for i in range(24)))
+        rows = await row_async(database_url, [request_id for request_id, _ in answers])
+        for (_, usage), stored in zip(answers, rows, strict=True):
+            assert (stored["prompt_tokens"], stored["completion_tokens"]) == usage
     served = Counter(r["replica"] for r in rows)
     assert set(served) == {vllm.url, vllm_second.url}, served
 
@@ -79,13 +80,13 @@ async def _prefix_hits(gateway: Proc, tenant: tuple[str, str], servers: list[Vll
     and queries of the prefix cache they caused on the two servers together."""
     rng = random.Random(seed)
     prefixes = [" ".join(rng.choice(WORDS) for _ in range(80)) for _ in range(6)]
-    client = async_sdk(gateway.url, tenant)
     before = [(_counter(s, "vllm:prefix_cache_hits_total"),
                _counter(s, "vllm:prefix_cache_queries_total")) for s in servers]
-    for round_ in range(4):
-        for prefix in prefixes:
-            await client.completions.create(model=SERVED_MODEL, max_tokens=1,
-                                            prompt=f"{prefix} question {round_}")
+    async with async_sdk(gateway.url, tenant) as client:
+        for round_ in range(4):
+            for prefix in prefixes:
+                await client.completions.create(model=SERVED_MODEL, max_tokens=1,
+                                                prompt=f"{prefix} question {round_}")
     await asyncio.sleep(1)  # vLLM's counters are updated a little after it answers
     after = [(_counter(s, "vllm:prefix_cache_hits_total"),
               _counter(s, "vllm:prefix_cache_queries_total")) for s in servers]
