@@ -111,7 +111,10 @@ async def test_the_balance_holds_across_workers_and_gateways(
     slow = shares[sims[2].url]
     assert sum(shares.values()) == 900 and slow > 0, shares
     assert slow <= min(fast) / 3, shares
-    assert max(fast) <= min(fast) * 1.10, shares
+    # Four processes choosing on their own see ties the same and break them at random: the two
+    # fast replicas split like fair coins at best (the difference's deviation is the square
+    # root of their sum), so they may differ by four deviations, about 28% here, and no more.
+    assert abs(fast[0] - fast[1]) <= 4 * sum(fast) ** 0.5, shares
 
 
 async def test_a_busy_replica_is_skipped_and_the_request_served_once(
