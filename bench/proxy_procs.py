@@ -165,7 +165,9 @@ def start_simulator(tmp: Path, model: str, ttft_ms: float, tpot_ms: float,
     service = start(f"simulator-{model}",
                     [*GATEWAY_CLI, "simulate", "--port", str(port), "--model", model,
                      "--ttft-ms", str(ttft_ms), "--tpot-ms", str(tpot_ms),
-                     "--default-max-tokens", str(max_tokens)],
+                     "--default-max-tokens", str(max_tokens),
+                     # A fixed-cost backend: no scheduler of vLLM's size queues the streams.
+                     "--max-num-seqs", "100000", "--num-gpu-blocks-override", "10000000"],
                     tmp / f"simulator-{port}.log", port)
     wait_http(service, "/health")
     service.info = {"model": model, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms,
