@@ -105,6 +105,21 @@ def settled_counts(server: VllmServer, before: dict[str, float]) -> tuple[int, i
     return seen
 
 
+def read_then_hang_up(stream: Any, started: str, delta: str) -> tuple[str, str, int]:
+    """Read an SDK's event stream until ABANDON_AFTER text events, then hang up. Returns the
+    gateway's request id, vLLM's id (from the ``started`` event) and the text events read."""
+    deltas, vllm_id = 0, ""
+    for event in stream:
+        if event.type == started:
+            vllm_id = (event.response if hasattr(event, "response") else event.message).id
+        if event.type == delta:
+            deltas += 1
+            if deltas == ABANDON_AFTER:
+                break
+    stream.close()  # hang up mid-stream
+    return stream.response.headers["X-Request-Id"], vllm_id, deltas
+
+
 def hang_up(server: VllmServer, database_url: str, attempt: Callable[[], tuple[str, str, int]],
             tries: int = 3) -> tuple[dict[str, Any], tuple[int, int], int]:
     """Run ``attempt`` (start a stream, read a little, hang up) until vLLM aborts the request.
@@ -198,16 +213,7 @@ def test_responses_stream_abandoned(vllm: VllmServer, vllm_gateway: Proc, databa
         stream = client.responses.create(
             model=SERVED_MODEL, input="Hello!", max_output_tokens=ABANDONED_MAX, stream=True,
             extra_body={"ignore_eos": True})
-        deltas, response_id = 0, ""
-        for event in stream:
-            if event.type == "response.created":
-                response_id = event.response.id
-            if event.type == "response.output_text.delta":
-                deltas += 1
-                if deltas == ABANDON_AFTER:
-                    break
-        stream.close()  # hang up mid-stream
-        return stream.response.headers["X-Request-Id"], response_id, deltas
+        return read_then_hang_up(stream, "response.created", "response.output_text.delta")
 
     stored, (prompt, generated), deltas = hang_up(vllm, database_url, attempt)
     print(f"\nabandoned Responses stream: billed {stored['prompt_tokens']} + "
@@ -262,16 +268,7 @@ def test_messages_stream_abandoned(vllm: VllmServer, vllm_gateway: Proc, databas
         stream = client.messages.create(
             model=SERVED_MODEL, max_tokens=ABANDONED_MAX, stream=True,
             extra_body={"ignore_eos": True}, messages=[{"role": "user", "content": "Hello!"}])
-        deltas, message_id = 0, ""
-        for event in stream:
-            if event.type == "message_start":
-                message_id = event.message.id
-            if event.type == "content_block_delta":
-                deltas += 1
-                if deltas == ABANDON_AFTER:
-                    break
-        stream.close()
-        return stream.response.headers["X-Request-Id"], message_id, deltas
+        return read_then_hang_up(stream, "message_start", "content_block_delta")
 
     stored, (prompt, generated), deltas = hang_up(vllm, database_url, attempt)
     print(f"\nabandoned Messages stream: billed {stored['prompt_tokens']} + "
