@@ -8,10 +8,14 @@ still count the same 60 seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as redis
+from redis.asyncio.connection import parse_url
+from redis.commands.core import AsyncScript
 
 from inference_gateway.admission.checks import Check
+from inference_gateway.admission.resp import Resp
 
 KEYS_OF = {"window": 3, "concurrent": 1, "quota": 1}
 CODE = {"window": "w", "concurrent": "c", "quota": "q"}
@@ -177,13 +181,26 @@ class RedisCounters:
         self._admit = self.client.register_script(_ADMIT)
         self._settle = self.client.register_script(_SETTLE)
         self._at_least = self.client.register_script(_AT_LEAST)
+        # The request path's two scripts go over a lean connection of their own (see ``resp``)
+        # where it can be had: TCP, no TLS. Everything else uses redis-py.
+        where = parse_url(url)
+        self._lean = None if "connection_class" in where else Resp(
+            where.get("host", "localhost"), where.get("port", 6379), where.get("db", 0),
+            where.get("username"), where.get("password"), timeout)
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        if self._lean is None:
+            return await script(keys=keys, args=args)
+        source = script.script
+        assert isinstance(source, (bytes, str))  # what register_script was given
+        return await self._lean.script(script.sha, source, keys, args)
 
     async def admit(self, checks: list[Check], ticket: str, now_ms: int = 0) -> Decision:
         keys = [key for check in checks for key in _keys(check)]
         args: list[str | int] = [now_ms, ticket, KEEP_QUOTA_MS]
         for check in checks:
             args += [CODE[check.kind], check.limit, check.cost, check.floor, check.span_ms]
-        out = [int(v) for v in await self._admit(keys=keys, args=args)]
+        out = [int(v) for v in await self._run(self._admit, keys, args)]
         if not out[0]:
             return Decision(False, out[1], out[2], [out[3]], [], [])
         return Decision(True, -1, 0, out[4::3], out[5::3], out[6::3])
@@ -194,11 +211,13 @@ class RedisCounters:
         args: list[str | int] = [ticket]
         for check, reserved, spent in zip(checks, taken, actual, strict=True):
             args += [CODE[check.kind], reserved, spent]
-        await self._settle(keys=keys, args=args)
+        await self._run(self._settle, keys, args)
 
     async def raise_to(self, key: str, value: int, keep_ms: int) -> int:
         """A quota counter brought up to what Postgres knows was used (never down)."""
         return int(await self._at_least(keys=[key], args=[value, keep_ms]))
 
     async def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         await self.client.aclose()
