@@ -37,6 +37,7 @@ def test_encode_and_parse() -> None:
 
 async def test_pipelined_answers_reach_their_callers(redis_url: str) -> None:
     client = resp_for(redis_url)
+    assert client.send("PING") is None  # nothing open yet: the caller must call instead
     try:
         await client.call("FLUSHDB")
         sets = [client.call("SET", f"k{i}", i) for i in range(200)]
@@ -47,6 +48,11 @@ async def test_pipelined_answers_reach_their_callers(redis_url: str) -> None:
         with pytest.raises(ResponseError):
             await client.call("INCR", "no", "such", "arity")
         assert await client.call("INCR", "k1") == 2  # the connection goes on after an error
+        # Written at once on the open connection, before anything is awaited.
+        sent = client.send("INCR", "k1")
+        assert sent is not None and not sent.done()
+        assert await client.call("GET", "k1") == b"3"  # Redis ran it first: it came first
+        assert await sent == 3
     finally:
         client.close()
 

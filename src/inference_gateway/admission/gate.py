@@ -181,9 +181,11 @@ class Admission:
         self._redis_back_at = time.monotonic() + RETRY_REDIS_SEC
 
     def settle(self, ticket: Ticket, record: UsageRecord) -> asyncio.Task[None] | None:
-        """Replace the reservation with what was used. In Redis, in the background: the task
-        is returned for the answer's last bytes to wait for (they do, see ``relay``), never
-        for the request path to fail on."""
+        """Replace the reservation with what was used, in Redis before the answer's last bytes
+        go out, so that the client's next request finds it settled. Written to Redis at once
+        when a connection is open (its answer is awaited in the background); otherwise the
+        task is returned for the last bytes to wait for (they do, see ``relay``). Never for
+        the request path to fail on."""
         actual = [
             1 if check.measure == "requests"
             else check.owner.weighted(record.prompt_tokens, record.completion_tokens)
@@ -191,6 +193,10 @@ class Admission:
         ]
         self.local.settle(ticket.checks, ticket.id, ticket.taken, actual)
         if ticket.local or self.redis is None:
+            return None
+        sent = self.redis.send_settle(ticket.checks, ticket.id, ticket.taken, actual)
+        if sent is not None:
+            self._in_background(self._settled(sent, ticket, actual))
             return None
         return self._in_background(self._settle(ticket, actual))
 
@@ -216,6 +222,14 @@ class Admission:
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             # The reservation stands until it leaves its window (a minute); a place held
             # for concurrency until its time-out.
+            log.warning("rate limits: could not settle a reservation (%s)", exc)
+
+    async def _settled(self, sent: asyncio.Future[Any], ticket: Ticket,
+                       actual: list[int]) -> None:
+        assert self.redis is not None
+        try:
+            await self.redis.settled(sent, ticket.checks, ticket.id, ticket.taken, actual)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             log.warning("rate limits: could not settle a reservation (%s)", exc)
 
     async def close(self) -> None:

@@ -7,12 +7,14 @@ still count the same 60 seconds.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.connection import parse_url
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from inference_gateway.admission.checks import Check
 from inference_gateway.admission.resp import Resp
@@ -167,6 +169,15 @@ class Decision:
     taken: list[int]  # per check, what this request reserved
 
 
+def _settle_args(checks: list[Check], ticket: str, taken: list[int],
+                 actual: list[int]) -> tuple[list[str], list[str | int]]:
+    keys = [key for check in checks for key in _keys(check)]
+    args: list[str | int] = [ticket]
+    for check, reserved, spent in zip(checks, taken, actual, strict=True):
+        args += [CODE[check.kind], reserved, spent]
+    return keys, args
+
+
 def _keys(check: Check) -> list[str]:
     if check.kind == "window":
         return [check.key + ":z", check.key + ":h", check.key + ":t"]
@@ -175,6 +186,7 @@ def _keys(check: Check) -> list[str]:
 
 class RedisCounters:
     def __init__(self, url: str, timeout: float) -> None:
+        self.timeout = timeout
         self.client = redis.Redis.from_url(url, socket_timeout=timeout,
                                            socket_connect_timeout=timeout,
                                            health_check_interval=0)
@@ -207,11 +219,26 @@ class RedisCounters:
 
     async def settle(self, checks: list[Check], ticket: str, taken: list[int],
                      actual: list[int]) -> None:
-        keys = [key for check in checks for key in _keys(check)]
-        args: list[str | int] = [ticket]
-        for check, reserved, spent in zip(checks, taken, actual, strict=True):
-            args += [CODE[check.kind], reserved, spent]
+        keys, args = _settle_args(checks, ticket, taken, actual)
         await self._run(self._settle, keys, args)
+
+    def send_settle(self, checks: list[Check], ticket: str, taken: list[int],
+                    actual: list[int]) -> asyncio.Future[Any] | None:
+        """The settlement written to Redis now, its answer to come; None when it cannot be
+        written at once (no lean connection open), and ``settle`` must be awaited instead."""
+        if self._lean is None:
+            return None
+        keys, args = _settle_args(checks, ticket, taken, actual)
+        return self._lean.send("EVALSHA", self._settle.sha, len(keys), *keys, *args)
+
+    async def settled(self, sent: asyncio.Future[Any], checks: list[Check], ticket: str,
+                      taken: list[int], actual: list[int]) -> None:
+        """Wait for what ``send_settle`` wrote; a Redis that lost the script gets it again."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await sent
+        except NoScriptError:
+            await self.settle(checks, ticket, taken, actual)
 
     async def raise_to(self, key: str, value: int, keep_ms: int) -> int:
         """A quota counter brought up to what Postgres knows was used (never down)."""

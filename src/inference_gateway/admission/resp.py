@@ -128,6 +128,17 @@ class Resp:
             await self.call("SCRIPT", "LOAD", source)
             return await self.call("EVALSHA", sha, len(keys), *keys, *args)
 
+    def send(self, *args: bytes | str | int) -> asyncio.Future[Any] | None:
+        """Write a command now, on the open connection, and return its answer to come; None
+        when no connection is open (``call`` would have to open one first)."""
+        conn = self._conn
+        if conn is None or conn.transport is None or conn.transport.is_closing():
+            return None
+        future = asyncio.get_running_loop().create_future()
+        conn.waiting.append(future)
+        conn.transport.write(encode(*args))
+        return future
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close(ConnectionError("the client was closed"))
