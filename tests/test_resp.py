@@ -4,6 +4,8 @@ order, and every way it can go wrong ending in an error the gate knows (never a 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -17,8 +19,8 @@ ECHO_KEYS = "return {KEYS[1], tonumber(ARGV[1]) + 1, {ARGV[2]}}"
 
 def resp_for(redis_url: str, timeout: float = 1.0) -> Resp:
     where = parse_url(redis_url)
-    return Resp(where["host"], where["port"], 9, where.get("username"), where.get("password"),
-                timeout)
+    return Resp(where["host"], where["port"], where.get("db", 0), where.get("username"),
+                where.get("password"), timeout)
 
 
 def test_encode_and_parse() -> None:
@@ -38,20 +40,21 @@ def test_encode_and_parse() -> None:
 async def test_pipelined_answers_reach_their_callers(redis_url: str) -> None:
     client = resp_for(redis_url)
     assert client.send("PING") is None  # nothing open yet: the caller must call instead
+    tag = uuid.uuid4().hex  # keys of this run only: nothing else in the database is touched
+    keys = [f"resp-test:{tag}:{i}" for i in range(200)]
     try:
-        await client.call("FLUSHDB")
-        sets = [client.call("SET", f"k{i}", i) for i in range(200)]
+        sets = [client.call("SET", key, i, "EX", 60) for i, key in enumerate(keys)]
         assert await asyncio.gather(*sets) == ["OK"] * 200
-        values = await asyncio.gather(*(client.call("GET", f"k{i}") for i in range(200)))
+        values = await asyncio.gather(*(client.call("GET", key) for key in keys))
         assert values == [str(i).encode() for i in range(200)]
-        assert await client.call("GET", "missing") is None
+        assert await client.call("GET", f"resp-test:{tag}:missing") is None
         with pytest.raises(ResponseError):
             await client.call("INCR", "no", "such", "arity")
-        assert await client.call("INCR", "k1") == 2  # the connection goes on after an error
+        assert await client.call("INCR", keys[1]) == 2  # the connection goes on after an error
         # Written at once on the open connection, before anything is awaited.
-        sent = client.send("INCR", "k1")
+        sent = client.send("INCR", keys[1])
         assert sent is not None and not sent.done()
-        assert await client.call("GET", "k1") == b"3"  # Redis ran it first: it came first
+        assert await client.call("GET", keys[1]) == b"3"  # Redis ran it first: it came first
         assert await sent == 3
     finally:
         client.close()
@@ -59,12 +62,13 @@ async def test_pipelined_answers_reach_their_callers(redis_url: str) -> None:
 
 async def test_a_script_is_loaded_when_redis_does_not_know_it(redis_url: str) -> None:
     client = resp_for(redis_url)
+    source = f"{ECHO_KEYS} -- {uuid.uuid4().hex}"  # a script this Redis has never seen
     try:
-        await client.call("SCRIPT", "FLUSH")
-        sha = await client.call("SCRIPT", "LOAD", ECHO_KEYS)
-        await client.call("SCRIPT", "FLUSH")  # as after a restart of Redis
-        answer = await client.script(sha.decode(), ECHO_KEYS, ["key"], [41, "x"])
+        answer = await client.script(hashlib.sha1(source.encode()).hexdigest(), source,
+                                     ["key"], [41, "x"])
         assert answer == [b"key", 42, [b"x"]]
+        assert await client.call("SCRIPT", "EXISTS", hashlib.sha1(source.encode()).hexdigest()) \
+            == [1]
     finally:
         client.close()
 
