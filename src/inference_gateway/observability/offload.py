@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from abc import ABC, abstractmethod
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -17,7 +18,7 @@ BATCH = 256
 CLOSE_TIMEOUT_SEC = 5.0
 
 
-class Offload:
+class Offload(ABC):
     def __init__(self, name: str) -> None:
         self._name = name
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
@@ -27,8 +28,9 @@ class Offload:
         """The request path's one call."""
         self._queue.put(item)
 
+    @abstractmethod
     def handle(self, items: list[tuple[Any, ...]]) -> None:
-        raise NotImplementedError
+        """What the thread does with a batch (each observer its own)."""
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)

@@ -21,17 +21,14 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 from aiohttp import web
 
 from inference_gateway.errors import GatewayError
-from inference_gateway.proxy.handler import Incoming
-from inference_gateway.proxy.http.request import Request
+from inference_gateway.proxy.http.request import Request, is_chunked, rewritten_head
 from inference_gateway.proxy.http.response import StreamOut, head, plain, whole
-from inference_gateway.proxy.relay import Answer, OpenStream
 
 if TYPE_CHECKING:
     from inference_gateway.proxy.http.core import ServerCore
@@ -45,12 +42,6 @@ MAX_HEADERS = 256
 # body is read and dropped before the connection closes: a client still sending when the
 # connection closes gets a reset instead of the answer (aiohttp waits as long).
 LINGER_SEC = 10.0
-
-
-class Handler(Protocol):
-    """What answers a request (``ProxyHandler``)."""
-
-    def serve(self, request: Incoming, open_stream: OpenStream) -> Awaitable[Answer]: ...
 
 
 class _Refused(Exception):
@@ -391,13 +382,8 @@ class Connection(asyncio.Protocol):
             self.app = self.core.app_protocol()
             self.app.connection_made(self.transport)
             self._app_backlog = [] if self.task is not None else None
-        version = self.parser.get_http_version()
-        self._app_chunked = any(name.lower() == "transfer-encoding" and "chunked" in
-                                value.lower() for name, value in self.headers)
-        lines = [f"{method} {raw_path} HTTP/{version}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in self.headers]
-        lines.append("\r\n")
-        self._to_app("".join(lines).encode("latin-1"))
+        self._app_chunked = is_chunked(self.headers)
+        self._to_app(rewritten_head(method, raw_path, self.parser.get_http_version(), self.headers))
 
     def _to_app(self, data: bytes) -> None:
         if self._app_backlog is not None:

@@ -6,10 +6,19 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from inference_gateway.proxy.http.connection import Connection, Handler
+from inference_gateway.proxy.handler import Incoming
+from inference_gateway.proxy.http.connection import Connection
+from inference_gateway.proxy.relay import Answer, OpenStream
+
+
+class Handler(Protocol):
+    """What answers a request (``ProxyHandler``)."""
+
+    def serve(self, request: Incoming, open_stream: OpenStream) -> Awaitable[Answer]: ...
 
 
 @dataclass(frozen=True, slots=True)

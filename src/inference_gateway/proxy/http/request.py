@@ -121,3 +121,17 @@ class Request:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def is_chunked(headers: list[tuple[str, str]]) -> bool:
+    return any(name.lower() == "transfer-encoding" and "chunked" in value.lower()
+               for name, value in headers)
+
+
+def rewritten_head(method: str, raw_path: str, version: str,
+                   headers: list[tuple[str, str]]) -> bytes:
+    """A parsed request head written back as bytes, for a parser that reads it again."""
+    lines = [f"{method} {raw_path} HTTP/{version}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers]
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
