@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 import aiohttp
 import asyncpg
 import orjson
+import proxy_costs
 import proxy_load
 import proxy_procs
 import proxy_profile
@@ -456,6 +457,42 @@ def memory_phase(run: Run) -> dict[str, Any]:
     return out
 
 
+# -- what features cost ----------------------------------------------------------------------------
+
+
+def costs_phase(run: Run, backend: Service) -> dict[str, Any]:
+    """Metrics and rate limits against the same gateway without them: one worker each, side by
+    side, measured in turning rounds (see ``proxy_costs``). The limited gateway serves an
+    organization of its own, with every kind of limit and none ever refusing."""
+    limited = f"{run.org}-limits"
+    run_async(bench_limits(run.database_url, limited, on=True))
+    gateways = {
+        "base": run.keep(proxy_procs.start_gateway(run.tmp, "cost_base", run.database_url,
+                                                   {MODEL: backend.url}, 1)),
+        "nometrics": run.keep(proxy_procs.start_gateway(
+            run.tmp, "cost_nometrics", run.database_url, {MODEL: backend.url}, 1,
+            {"METRICS_ENABLED": "false"})),
+        "limits": run.keep(proxy_procs.start_gateway(
+            run.tmp, "cost_limits", run.database_url, {MODEL: backend.url}, 1,
+            {"REDIS_URL": dev_redis_url()})),
+    }
+    try:
+        def variant(key: str, label: str, org: str) -> proxy_costs.Variant:
+            return proxy_costs.Variant(key, label, gateways[key].url,
+                                       {"X-TEMBO-ORG": org, "X-TEMBO-INSTANCE": f"cost-{key}"})
+
+        base = variant("base", "metrics on, no limits", run.org)
+        others = [variant("nometrics", "metrics off", run.org),
+                  variant("limits", "metrics on, limits on", limited)]
+        rounds, seconds = (3, 2.0) if run.options.quick else (6, 4.0)
+        return proxy_costs.measure(base, others, CHAT_PATH, JSON_BODY, (1, 32), rounds,
+                                   seconds, say)
+    finally:
+        for gateway in gateways.values():
+            run.stop(gateway)
+        run_async(bench_limits(run.database_url, limited, on=False))
+
+
 # -- profile ------------------------------------------------------------------------------------
 
 
@@ -587,26 +624,26 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         p50 = (c1_three["p50_us"] - c1_one["p50_us"]) / 1000
         check("p50 added by the balancer at c=1, three replicas against one", _r(p50, 3),
               "<= 0.05 ms", p50 <= 0.05, "ms")
-    on, off = rps("gateway_2w", "json_c32"), rps("gateway_2w_nometrics", "json_c32")
-    metrics_cost = 1 - on / off if on and off else None
-    check("req/s lost to metrics, 2 workers, c=32", _r(None if metrics_cost is None
-          else metrics_cost * 100, 1), "<= 5", None if metrics_cost is None
-          else metrics_cost <= 0.05, "%")
-    c1_on = t.get("gateway_2w", {}).get("json_c1")
-    c1_off = t.get("gateway_2w_nometrics", {}).get("json_c1")
-    if c1_on and c1_off:
-        p50 = (c1_on["p50_us"] - c1_off["p50_us"]) / 1000
-        check("p50 added by metrics at c=1, 2 workers", _r(p50, 3), "<= 0.03 ms",
-              p50 <= 0.03, "ms")
-    c1_limits = t.get("gateway_1w_limits", {}).get("json_c1")
-    c1_free = t.get("gateway_1w", {}).get("json_c1")
-    if c1_limits and c1_free:
-        limits_cost = 1 - c1_limits["rps"] / c1_free["rps"]
-        check("req/s lost to rate limits at c=1, 1 worker", _r(limits_cost * 100, 1), "<= 10",
-              limits_cost <= 0.10, "%")
-        p50 = (c1_limits["p50_us"] - c1_free["p50_us"]) / 1000
-        check("p50 added by rate limits at c=1, 1 worker", _r(p50, 3), "<= 0.15 ms",
-              p50 <= 0.15, "ms")
+    costs = results.get("costs", {})
+    for c in (1, 32):
+        metrics = costs.get(f"c{c}", {}).get("nometrics")
+        if metrics and metrics["rps_ratio"]:
+            lost = 1 - 1 / metrics["rps_ratio"]  # the base has metrics on, the variant off
+            check(f"req/s lost to metrics, 1 worker, c={c} (paired rounds)", _r(lost * 100, 1),
+                  "<= 5", lost <= 0.05, "%")
+            if c == 1:
+                added = -metrics["p50_added_ms"]
+                check("p50 added by metrics at c=1, 1 worker (paired rounds)", _r(added, 3),
+                      "<= 0.03 ms", added <= 0.03, "ms")
+        limits = costs.get(f"c{c}", {}).get("limits")
+        if limits and limits["rps_ratio"]:
+            lost = 1 - limits["rps_ratio"]
+            check(f"req/s lost to rate limits, 1 worker, c={c} (paired rounds)",
+                  _r(lost * 100, 1), "<= 10", lost <= 0.10, "%")
+            if c == 1:
+                check("p50 added by rate limits at c=1, 1 worker (paired rounds)",
+                      _r(limits["p50_added_ms"], 3), "<= 0.15 ms",
+                      limits["p50_added_ms"] <= 0.15, "ms")
     for workers in (1, 2):  # equal worker counts, equal windows
         mine, lite = rps(f"gateway_{workers}w", "json_c32"), rps(f"litellm_{workers}w", "json_c32")
         lratio = mine / lite if mine and lite else None
@@ -802,6 +839,8 @@ def main(argv: list[str]) -> int:
         targets["gateway_1w_limits"] = phase(
             "gateway, 1 worker, rate limits on", run,
             functools.partial(gateway_target, run, backend, 1, limits=True))
+        results["costs"] = phase("what metrics and rate limits cost, in paired rounds", run,
+                                 lambda: costs_phase(run, backend))
         if opts.litellm:
             for workers in (1, 2):
                 targets[f"litellm_{workers}w"] = phase(
@@ -843,7 +882,7 @@ def _parts(results: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     for key, part in results.get("targets", {}).items():
         if not key.startswith("litellm"):  # optional: its failure is reported, not fatal
             yield key, part
-    for key in ("streaming", "memory", "profile"):
+    for key in ("costs", "streaming", "memory", "profile"):
         if key in results:
             yield key, results[key]
 

@@ -140,6 +140,29 @@ def _profile(results: dict[str, Any]) -> list[str]:
             *_table(["#", "own %", "total %", "function"], rows, left=(3,))]
 
 
+def _costs(results: dict[str, Any]) -> list[str]:
+    costs = results.get("costs")
+    if not costs or "error" in costs:
+        return [f"Not measured: {costs.get('error') if costs else 'skipped'}"]
+    rows = []
+    for key, per_c in costs.items():
+        if not key.startswith("c") or not isinstance(per_c, dict):
+            continue
+        for v in per_c.values():
+            if not isinstance(v, dict):
+                continue
+            rows.append([v["label"], key[1:], _num(v["rps_base"]), _num(v["rps"]),
+                         f"{v['rps_ratio']:.3f}", f"{v['p50_base_ms']:.3f}",
+                         f"{v['p50_ms']:.3f}", f"{v['p50_added_ms']:+.3f}",
+                         " ".join(f"{r:.2f}" for r in v["rounds_rps_ratio"])])
+    return [f"Three one-worker gateways side by side, {costs['rounds']} rounds of "
+            f"{costs['seconds']:.0f} s per gateway in an order that turns with each round; "
+            f"medians over the rounds, each against the base ({costs['base']}) measured in "
+            "the same round.", "",
+            *_table(["gateway", "c", "base req/s", "req/s", "ratio", "base p50 (ms)",
+                     "p50 (ms)", "p50 added (ms)", "ratio per round"], rows, left=(0, 8))]
+
+
 def render(results: dict[str, Any]) -> str:
     run = results["run"]
     m = run["machine"]
@@ -162,6 +185,10 @@ def render(results: dict[str, Any]) -> str:
         "## Targets",
         "",
         *_checks(results),
+        "",
+        "## What metrics and rate limits cost",
+        "",
+        *_costs(results),
         "",
         "## Metering",
         "",

@@ -1,0 +1,77 @@
+"""What a feature costs the request path, measured in pairs.
+
+A cost of a few per cent, or a few hundredths of a millisecond, is smaller than what this kind
+of machine moves from one measurement to the next (the load generator, the backend and Postgres
+share its cores). Measured one gateway after the other, such a cost is lost in that noise, and
+the order of the measurements decides the answer. So the gateways being compared run side by
+side, each round measures every one of them for a few seconds in an order that turns with the
+round (every gateway takes every place equally often), and the result is the median over the
+rounds of each gateway's ratio and difference against the base measured in the same round.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import proxy_load
+from proxy_load import WrkResult
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    url: str
+    headers: Mapping[str, str]
+
+
+def rotation(items: list[Variant], turn: int) -> list[Variant]:
+    """The round's order: each item takes each place once every ``len(items)`` rounds."""
+    turn %= len(items)
+    return items[turn:] + items[:turn]
+
+
+def measure(base: Variant, others: list[Variant], path: str, body: Any,
+            connections: tuple[int, ...], rounds: int, seconds: float,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    """Per connection count and variant: the median ratio of req/s and difference of p50 and
+    p99 (ms) against ``base`` over the rounds, with every round's figures beside them."""
+    every = [base, *others]
+    for variant in every:  # connections opened, caches filled, before anything counts
+        proxy_load.wrk(variant.url + path, body, variant.headers, 32, 2)
+    out: dict[str, Any] = {"rounds": rounds, "seconds": seconds, "base": base.label}
+    for c in connections:
+        runs: dict[str, list[WrkResult]] = {v.key: [] for v in every}
+        for turn in range(rounds):
+            for variant in rotation(every, turn):
+                runs[variant.key].append(proxy_load.wrk(
+                    variant.url + path, body, variant.headers, c, seconds))
+        per_c: dict[str, Any] = {}
+        for variant in others:
+            pairs = list(zip(runs[base.key], runs[variant.key], strict=True))
+            ratios = [v.rps / b.rps for b, v in pairs if b.rps]
+            p50 = [(v.p50_us - b.p50_us) / 1000 for b, v in pairs]
+            p99 = [(v.p99_us - b.p99_us) / 1000 for b, v in pairs]
+            per_c[variant.key] = {
+                "label": variant.label,
+                "rps_ratio": round(statistics.median(ratios), 4) if ratios else None,
+                "p50_added_ms": round(statistics.median(p50), 4),
+                "p99_added_ms": round(statistics.median(p99), 4),
+                "rps_base": round(statistics.median(b.rps for b, _ in pairs), 1),
+                "rps": round(statistics.median(v.rps for _, v in pairs), 1),
+                "p50_base_ms": round(statistics.median(b.p50_us for b, _ in pairs) / 1000, 4),
+                "p50_ms": round(statistics.median(v.p50_us for _, v in pairs) / 1000, 4),
+                "rounds_rps_ratio": [round(r, 3) for r in ratios],
+                "rounds_p50_added_ms": [round(d, 3) for d in p50],
+                "errors": sum(v.errors for v in runs[variant.key]),
+            }
+            s = per_c[variant.key]
+            say(f"  c={c:<3} {variant.label:<26} req/s x{s['rps_ratio']:.3f} "
+                f"(rounds {min(ratios):.3f}-{max(ratios):.3f}), p50 "
+                f"{s['p50_added_ms']:+.3f} ms (rounds {min(p50):+.3f} to {max(p50):+.3f})")
+        per_c["base_errors"] = sum(b.errors for b in runs[base.key])
+        out[f"c{c}"] = per_c
+    return out
