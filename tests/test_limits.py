@@ -37,6 +37,7 @@ class Both:
         self.redis = redis
         self.local = LocalCounters(share=1.0)
         self.taken: dict[str, list[int]] = {}  # what each ticket reserved, as a gate keeps it
+        self.at: dict[str, int] = {}
 
     async def admit(self, checks: list[Check], ticket: str, at_ms: int) -> Decision:
         if self.redis is not None:
@@ -44,13 +45,15 @@ class Both:
         else:
             decision = self.local.admit(checks, ticket, at_ms)
         self.taken[ticket] = decision.taken
+        self.at[ticket] = decision.at_ms
         return decision
 
     async def settle(self, checks: list[Check], ticket: str, actual: list[int]) -> None:
         if self.redis is not None:
-            await self.redis.settle(checks, ticket, self.taken[ticket], actual)
+            await self.redis.settle(checks, ticket, self.at[ticket], self.taken[ticket],
+                                    actual)
         else:
-            self.local.settle(checks, ticket, self.taken[ticket], actual)
+            self.local.settle(checks, ticket, self.at[ticket], self.taken[ticket], actual)
 
 
 @pytest.fixture(params=["redis", "local"])
@@ -69,7 +72,8 @@ async def test_any_minute_admits_at_most_the_limit(counters: Both) -> None:
             admitted.append(second)
     for start in range(0, 150):
         assert len([s for s in admitted if start <= s < start + 60]) <= 3, (start, admitted)
-    assert admitted == [0, 5, 10, 60, 65, 70, 120, 125, 130]  # room again as each one leaves
+    # Room again as each one leaves, at the end of its second plus 60 s.
+    assert admitted == [0, 5, 10, 65, 70, 75, 130, 135, 140]
 
 
 async def test_refusal_says_when_there_is_room(counters: Both) -> None:
@@ -78,7 +82,7 @@ async def test_refusal_says_when_there_is_room(counters: Both) -> None:
     assert (await counters.admit(checks, "b", MS0 + 10_000)).admitted
     refused = await counters.admit(checks, "c", MS0 + 20_000)
     assert not refused.admitted and refused.failing == 0
-    assert refused.retry_ms == WINDOW_MS - 20_000  # when "a" leaves the window
+    assert refused.retry_ms == WINDOW_MS + 1000 - 20_000  # when "a"'s second leaves
     assert (await counters.admit(checks, "c", MS0 + refused.retry_ms + 20_000)).admitted
 
 
@@ -120,7 +124,8 @@ def test_what_redis_admitted_still_counts_when_it_goes_away() -> None:
     for ticket in ("a", "b"):  # admitted by Redis, remembered here
         local.remember(minute, ticket, [1], [1], now_ms=MS0)
     assert not local.admit(minute, "c", MS0 + 1).admitted  # its share, 2, is used
-    assert local.admit(minute, "c", MS0 + WINDOW_MS + 1).admitted
+    assert not local.admit(minute, "c", MS0 + WINDOW_MS + 999).admitted  # their second
+    assert local.admit(minute, "c", MS0 + WINDOW_MS + 1000).admitted
     month = checks_for((limit(tokens_per_month=1000),), 150, 0, now=T0)
     local.remember(month, "d", [100], [800], now_ms=MS0)  # the fleet used 800 of 1000
     refused = local.admit(month, "e", MS0 + 1)
@@ -217,3 +222,43 @@ async def test_quotas_come_back_from_postgres_after_redis_lost_them(database_url
         await counters.client.delete(*[check.key for check in checks_for((owner,), 0, 0, now=now)])
         await counters.close()
         await conn.close()
+
+
+async def test_a_window_holds_a_few_fields_whatever_the_rate(redis_url: str) -> None:
+    """A window is a count per second: what Redis holds stays bounded by the window's length,
+    however many requests it counts; a second that left it is no longer settled into it."""
+    import redis.asyncio as aioredis
+
+    counters = RedisCounters(redis_url, 1.0)
+    store = aioredis.Redis.from_url(redis_url)
+    try:
+        checks = checks_for((limit(tokens_per_minute=10**9),), 10, 0, now=T0)
+        first = await counters.admit(checks, "first", MS0)
+        for i in range(2000):  # 20 requests in each of 100 seconds
+            decision = await counters.admit(checks, f"r{i}", MS0 + (i // 20) * 1000 + i % 20)
+            assert decision.admitted
+        assert await store.hlen(checks[0].key) <= 61 + 2  # the seconds, their sum, the oldest
+        assert decision.used == [61 * 20 * 10]  # 61 seconds of 20 requests of 10 tokens
+        await counters.settle(checks, "first", first.at_ms, first.taken, [0])  # long gone
+        await counters.settle(checks, "r1999", decision.at_ms, decision.taken, [1])
+        after = await counters.admit(checks, "last", MS0 + 99_500)
+        assert after.used == [61 * 20 * 10 - 9 + 10]  # r1999 used 1 of its 10
+    finally:
+        await counters.close()
+        await store.aclose()
+
+
+async def test_a_reservation_whose_answer_never_came_is_given_back(redis_url: str) -> None:
+    """A client that left while Redis admitted it: the release finds its second by the clock,
+    and gives back its places and its minute's requests and tokens."""
+    counters = RedisCounters(redis_url, 1.0)
+    try:
+        checks = checks_for((limit(requests_per_minute=2, tokens_per_minute=1000,
+                                   max_concurrent=1),), 10, 40, now=T0)
+        decision = await counters.admit(checks, "gone")  # Redis's clock, as in service
+        assert decision.admitted and decision.taken == [1, 50, 1]
+        await counters.settle(checks, "gone", 0, [1, 50, 0], [0, 0, 0])
+        again = await counters.admit(checks, "next")
+        assert again.admitted and again.used == [1, 50, 1]
+    finally:
+        await counters.close()

@@ -45,6 +45,7 @@ class Ticket:
     id: str
     checks: list[Check]
     taken: list[int]  # what it reserved, per check
+    at_ms: int  # when it was admitted: the second its windows hold it in
     local: bool  # reserved in this process's counters (Redis was away)
     headers: dict[str, str]
 
@@ -148,7 +149,8 @@ class Admission:
         if not decision.admitted:
             self.refused += 1
             raise _refusal(checks[decision.failing], decision)
-        return Ticket(ticket, checks, decision.taken, local, _headers(checks, decision))
+        return Ticket(ticket, checks, decision.taken, decision.at_ms, local,
+                      _headers(checks, decision))
 
     async def _decide(self, checks: list[Check], ticket: str) -> tuple[Decision | None, bool]:
         if self.redis is not None and time.monotonic() >= self._redis_back_at:
@@ -161,7 +163,8 @@ class Admission:
                     log.warning("rate limits: Redis answers again; limits are shared again")
                     self._redis_back_at = 0.0
                 if decision.admitted:
-                    self.local.remember(checks, ticket, decision.taken, decision.used)
+                    self.local.remember(checks, ticket, decision.taken, decision.used,
+                                        decision.at_ms)
                 return decision, False
         if self.redis is not None and self.fallback == "open":
             return None, False
@@ -191,10 +194,11 @@ class Admission:
             else check.owner.weighted(record.prompt_tokens, record.completion_tokens)
             for check in ticket.checks
         ]
-        self.local.settle(ticket.checks, ticket.id, ticket.taken, actual)
+        self.local.settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken, actual)
         if ticket.local or self.redis is None:
             return None
-        sent = self.redis.send_settle(ticket.checks, ticket.id, ticket.taken, actual)
+        sent = self.redis.send_settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken,
+                                      actual)
         if sent is not None:
             self._in_background(self._settled(sent, ticket, actual))
             return None
@@ -207,18 +211,21 @@ class Admission:
         return task
 
     async def _release(self, checks: list[Check], ticket: str) -> None:
-        """Give back the places and the minute's tokens of a request that never ran. (What a
-        quota reserved stays counted: the amount is not known here.)"""
+        """Give back the places and the minute's tokens of a request that never ran: the
+        admission's answer never came, so what it reserved is taken as its cost, and never
+        more than its second holds. (What a quota reserved stays counted.)"""
         assert self.redis is not None
+        reserved = [check.cost if check.kind == "window" else 0 for check in checks]
         try:
-            await self.redis.settle(checks, ticket, [0] * len(checks), [0] * len(checks))
+            await self.redis.settle(checks, ticket, 0, reserved, [0] * len(checks))
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             log.warning("rate limits: could not release a reservation (%s)", exc)
 
     async def _settle(self, ticket: Ticket, actual: list[int]) -> None:
         assert self.redis is not None
         try:
-            await self.redis.settle(ticket.checks, ticket.id, ticket.taken, actual)
+            await self.redis.settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken,
+                                    actual)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             # The reservation stands until it leaves its window (a minute); a place held
             # for concurrency until its time-out.
@@ -228,7 +235,8 @@ class Admission:
                        actual: list[int]) -> None:
         assert self.redis is not None
         try:
-            await self.redis.settled(sent, ticket.checks, ticket.id, ticket.taken, actual)
+            await self.redis.settled(sent, ticket.checks, ticket.id, ticket.at_ms, ticket.taken,
+                                     actual)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             log.warning("rate limits: could not settle a reservation (%s)", exc)
 

@@ -10,23 +10,48 @@ still counts.
 from __future__ import annotations
 
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections import OrderedDict
 
 from inference_gateway.admission.checks import Check
 from inference_gateway.admission.redis_counters import Decision
 
 
-@dataclass
 class _Window:
-    entries: deque[tuple[float, str]] = field(default_factory=deque)  # (time ms, ticket)
-    costs: dict[str, int] = field(default_factory=dict)
-    total: int = 0
+    """What was admitted per second, as in Redis (see ``redis_counters``): a second counts
+    while any part of it is within the window."""
 
-    def forget(self, before: float) -> None:
-        while self.entries and self.entries[0][0] <= before:
-            _, ticket = self.entries.popleft()
-            self.total -= self.costs.pop(ticket, 0)
+    __slots__ = ("seconds", "total")
+
+    def __init__(self) -> None:
+        self.seconds: OrderedDict[int, int] = OrderedDict()  # second → what it admitted
+        self.total = 0
+
+    def forget(self, now_ms: float, span_ms: int) -> None:
+        first = int((now_ms - span_ms) // 1000)
+        while self.seconds:
+            second, held = next(iter(self.seconds.items()))
+            if second >= first:
+                break
+            del self.seconds[second]
+            self.total -= held
+
+    def reset_ms(self, now_ms: float, span_ms: int) -> int:
+        """When the oldest second still held leaves the window."""
+        oldest = next(iter(self.seconds), int(now_ms // 1000))
+        return int((oldest + 1) * 1000 + span_ms - now_ms)
+
+    def free_at_ms(self, need: int, now_ms: float, span_ms: int) -> int:
+        """When enough has left the window to free ``need``."""
+        freed = 0
+        for second, held in self.seconds.items():
+            freed += held
+            if freed >= need:
+                return (second + 1) * 1000 + span_ms
+        return int(now_ms + span_ms)
+
+    def add(self, second: int, amount: int) -> None:
+        self.seconds[second] = self.seconds.get(second, 0) + amount
+        self.total += amount
 
 
 class LocalCounters:
@@ -48,15 +73,15 @@ class LocalCounters:
             limit = self._limit(check)
             if check.kind == "window":
                 window = self._windows.setdefault(check.key, _Window())
-                window.forget(now - check.span_ms)
+                window.forget(now, check.span_ms)
                 if window.total + check.floor > limit:
-                    retry = int(window.entries[0][0] + check.span_ms - now) if window.entries \
-                        else check.span_ms
-                    return Decision(False, i, max(retry, 1), [window.total], [], [])
+                    free_at = window.free_at_ms(window.total + check.floor - limit, now,
+                                                check.span_ms)
+                    return Decision(False, i, max(int(free_at - now), 1), [window.total], [],
+                                    [])
                 taken.append(min(check.cost, limit - window.total))
                 used.append(window.total + taken[-1])
-                resets.append(int(window.entries[0][0] + check.span_ms - now)
-                              if window.entries else check.span_ms)
+                resets.append(window.reset_ms(now, check.span_ms))
             elif check.kind == "concurrent":
                 places = self._places.setdefault(check.key, {})
                 for held in [t for t, until in places.items() if until <= now]:
@@ -74,7 +99,7 @@ class LocalCounters:
                 used.append(total + taken[-1])
                 resets.append(check.span_ms)
         self.remember(checks, ticket, taken, now_ms=now)
-        return Decision(True, -1, 0, used, resets, taken)
+        return Decision(True, -1, 0, used, resets, taken, int(now))
 
     def remember(self, checks: list[Check], ticket: str, taken: list[int],
                  shared_used: list[int] | None = None, now_ms: float = 0) -> None:
@@ -84,10 +109,8 @@ class LocalCounters:
         for i, (check, take) in enumerate(zip(checks, taken, strict=True)):
             if check.kind == "window":
                 window = self._windows.setdefault(check.key, _Window())
-                window.forget(now - check.span_ms)
-                window.entries.append((now, ticket))
-                window.costs[ticket] = take
-                window.total += take
+                window.forget(now, check.span_ms)
+                window.add(int(now // 1000), take)
             elif check.kind == "concurrent":
                 self._places.setdefault(check.key, {})[ticket] = now + check.span_ms
             elif shared_used is not None:
@@ -95,14 +118,16 @@ class LocalCounters:
             else:
                 self._quotas[check.key] = self._quotas.get(check.key, 0) + take
 
-    def settle(self, checks: list[Check], ticket: str, taken: list[int],
+    def settle(self, checks: list[Check], ticket: str, at_ms: int, taken: list[int],
                actual: list[int]) -> None:
+        """Replace what ``ticket`` reserved when admitted at ``at_ms`` with what it used."""
+        second = at_ms // 1000
         for check, reserved, spent in zip(checks, taken, actual, strict=True):
             if check.kind == "window":
                 window = self._windows.get(check.key)
-                if window is not None and ticket in window.costs:
-                    window.total += spent - window.costs[ticket]
-                    window.costs[ticket] = spent
+                held = window.seconds.get(second) if window is not None else None
+                if window is not None and held is not None:
+                    window.add(second, max(spent - reserved, -held))
             elif check.kind == "concurrent":
                 self._places.get(check.key, {}).pop(ticket, None)
             elif check.key in self._quotas:

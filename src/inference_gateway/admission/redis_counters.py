@@ -19,100 +19,104 @@ from redis.exceptions import NoScriptError
 from inference_gateway.admission.checks import Check
 from inference_gateway.admission.resp import Resp
 
-KEYS_OF = {"window": 3, "concurrent": 1, "quota": 1}
 CODE = {"window": "w", "concurrent": "c", "quota": "q"}
 KEEP_QUOTA_MS = 2 * 86_400_000  # a period's counter outlives it, for the reconciler
 
-# A window's requests are kept in a sorted set (by admission time) and their costs in a hash,
-# with their sum beside them; what is older than the window is dropped before each check.
+# A window is one hash: what was admitted in each second (a field per second, named by its
+# number since the epoch), their sum ("t") and the oldest second that may still be held ("o").
+# A second counts while any part of it is within the window, so a request leaves it between 60
+# and 61 seconds after its admission, and no span of 60 seconds ever admits more than the limit.
+# What a request costs Redis does not grow with the rate: a few hash fields, not an entry each.
+# Each check's arguments come in one string ("w <limit> <cost> <floor> <span> ..."): one
+# argument to encode and send, not five.
 _ADMIT = """
 local now = tonumber(ARGV[1])
 if now == 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local ticket, keep = ARGV[2], tonumber(ARGV[3])
-local n = (#ARGV - 3) / 5
-local function forget(z, h, t, before)
-  local total = tonumber(redis.call('GET', t) or '0')
-  while true do
-    local old = redis.call('ZRANGEBYSCORE', z, '-inf', before, 'LIMIT', 0, 500)
-    if #old == 0 then break end
-    local costs = redis.call('HMGET', h, unpack(old))
-    for _, c in ipairs(costs) do total = total - tonumber(c or '0') end
-    redis.call('HDEL', h, unpack(old))
-    redis.call('ZREM', z, unpack(old))
+local ticket, keep, second = ARGV[2], tonumber(ARGV[3]), math.floor(now / 1000)
+local spec = {}
+for word in string.gmatch(ARGV[4], '%S+') do spec[#spec + 1] = word end
+local n = #spec / 5
+local function trim(h, first)
+  local held = redis.call('HMGET', h, 't', 'o')
+  local total, oldest = tonumber(held[1] or '0'), tonumber(held[2] or first)
+  if oldest < first then
+    if first - oldest > 61 then
+      redis.call('DEL', h)
+      total = 0
+    else
+      for s = oldest, first - 1 do
+        local v = redis.call('HGET', h, s)
+        if v then
+          total = total - tonumber(v)
+          redis.call('HDEL', h, s)
+        end
+      end
+    end
+    oldest = first
   end
-  if total < 0 then total = 0 end
-  redis.call('SET', t, total)
-  return total
+  if total <= 0 then  -- nothing held (what is left are seconds settled to nothing)
+    if held[1] then redis.call('DEL', h) end
+    return 0, second
+  end
+  while oldest < second and redis.call('HEXISTS', h, oldest) == 0 do oldest = oldest + 1 end
+  return total, oldest
 end
-local used, resets, taken, k = {}, {}, {}, 1
+local used, resets, taken, olds = {}, {}, {}, {}
 for i = 0, n - 1 do
-  local at = 4 + i * 5
-  local kind, limit = ARGV[at], tonumber(ARGV[at + 1])
-  local cost, floor, span = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  local kind, limit = spec[i * 5 + 1], tonumber(spec[i * 5 + 2])
+  local cost, floor, span = tonumber(spec[i * 5 + 3]), tonumber(spec[i * 5 + 4]),
+    tonumber(spec[i * 5 + 5])
+  local key = KEYS[i + 1]
   if kind == 'w' then
-    local z, h, t = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-    k = k + 3
-    local total = forget(z, h, t, now - span)
+    local first = math.floor((now - span) / 1000)
+    local total, oldest = trim(key, first)
     if total + floor > limit then
       local need, freed, free_at = total + floor - limit, 0, now + span
-      local entries = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
-      for j = 1, #entries, 2 do
-        freed = freed + tonumber(redis.call('HGET', h, entries[j]) or '0')
+      for s = oldest, second do
+        freed = freed + tonumber(redis.call('HGET', key, s) or '0')
         if freed >= need then
-          free_at = tonumber(entries[j + 1]) + span
+          free_at = (s + 1) * 1000 + span
           break
         end
       end
       return {0, i, free_at - now, total}
     end
-    local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
     taken[i] = math.min(cost, limit - total)
     used[i] = total
-    resets[i] = span
-    if #first > 0 then resets[i] = tonumber(first[2]) + span - now end
+    olds[i] = oldest
+    resets[i] = (oldest + 1) * 1000 + span - now
   elseif kind == 'c' then
-    local z = KEYS[k]
-    k = k + 1
-    redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-    local count = redis.call('ZCARD', z)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local count = redis.call('ZCARD', key)
     if count + 1 > limit then return {0, i, 1000, count} end
     taken[i] = 1
     used[i] = count
     resets[i] = 0
   else
-    local q = KEYS[k]
-    k = k + 1
-    local total = tonumber(redis.call('GET', q) or '0')
+    local total = tonumber(redis.call('GET', key) or '0')
     if total + floor > limit then return {0, i, span, total} end
     taken[i] = math.min(cost, limit - total)
     used[i] = total
     resets[i] = span
   end
 end
-local out, k2 = {1, -1, 0, 0}, 1
+local out = {1, -1, now, 0}
 for i = 0, n - 1 do
-  local kind, span = ARGV[4 + i * 5], tonumber(ARGV[8 + i * 5])
+  local kind, span, key = spec[i * 5 + 1], tonumber(spec[i * 5 + 5]), KEYS[i + 1]
   local take = taken[i]
   if kind == 'w' then
-    local z, h, t = KEYS[k2], KEYS[k2 + 1], KEYS[k2 + 2]
-    k2 = k2 + 3
-    redis.call('ZADD', z, now, ticket)
-    redis.call('HSET', h, ticket, take)
-    redis.call('INCRBY', t, take)
-    for _, key in ipairs({z, h, t}) do redis.call('PEXPIRE', key, span + 60000) end
+    redis.call('HINCRBY', key, second, take)
+    redis.call('HSET', key, 't', used[i] + take, 'o', olds[i])
+    redis.call('PEXPIRE', key, span + 2000)
   elseif kind == 'c' then
-    local z = KEYS[k2]
-    k2 = k2 + 1
-    redis.call('ZADD', z, now + span, ticket)
-    redis.call('PEXPIRE', z, span + 60000)
+    redis.call('ZADD', key, now + span, ticket)
+    redis.call('PEXPIRE', key, span + 60000)
   else
-    local q = KEYS[k2]
-    k2 = k2 + 1
-    redis.call('INCRBY', q, take)
-    redis.call('PEXPIRE', q, span + keep)
+    redis.call('INCRBY', key, take)
+    redis.call('PEXPIRE', key, span + keep)
   end
   table.insert(out, used[i] + take)
   table.insert(out, resets[i])
@@ -121,29 +125,40 @@ end
 return out
 """
 
+# A window's reservation is corrected in the second it was made in, if that second still
+# counts (ARGV[2], 0 when the admission's answer never came: then the second of now, or the
+# one before, whichever holds the reservation).
 _SETTLE = """
-local ticket = ARGV[1]
-local n = (#ARGV - 1) / 3
-local k = 1
-for i = 0, n - 1 do
-  local kind = ARGV[2 + i * 3]
-  local reserved, actual = tonumber(ARGV[3 + i * 3]), tonumber(ARGV[4 + i * 3])
+local ticket, at = ARGV[1], tonumber(ARGV[2])
+local spec = {}
+for word in string.gmatch(ARGV[3], '%S+') do spec[#spec + 1] = word end
+for i = 0, #spec / 3 - 1 do
+  local kind, reserved, actual = spec[i * 3 + 1], tonumber(spec[i * 3 + 2]),
+    tonumber(spec[i * 3 + 3])
+  local key = KEYS[i + 1]
   if kind == 'w' then
-    local h, t = KEYS[k + 1], KEYS[k + 2]
-    k = k + 3
-    local old = redis.call('HGET', h, ticket)
-    if old and tonumber(old) ~= actual then
-      redis.call('HSET', h, ticket, actual)
-      redis.call('INCRBY', t, actual - tonumber(old))
+    if actual ~= reserved then
+      local second
+      if at > 0 then
+        second = math.floor(at / 1000)
+      else
+        local t = redis.call('TIME')
+        second = tonumber(t[1])
+        if tonumber(redis.call('HGET', key, second) or '0') < reserved then
+          second = second - 1
+        end
+      end
+      local held = tonumber(redis.call('HGET', key, second) or '-1')
+      if held >= 0 then
+        local change = math.max(actual - reserved, -held)
+        redis.call('HINCRBY', key, second, change)
+        redis.call('HINCRBY', key, 't', change)
+      end
     end
   elseif kind == 'c' then
-    redis.call('ZREM', KEYS[k], ticket)
-    k = k + 1
-  else
-    if actual ~= reserved and redis.call('EXISTS', KEYS[k]) == 1 then
-      redis.call('INCRBY', KEYS[k], actual - reserved)
-    end
-    k = k + 1
+    redis.call('ZREM', key, ticket)
+  elseif actual ~= reserved and redis.call('EXISTS', key) == 1 then
+    redis.call('INCRBY', key, actual - reserved)
   end
 end
 return 1
@@ -167,21 +182,14 @@ class Decision:
     used: list[int]  # per check, what is used with this request counted
     resets_ms: list[int]  # per check, when it has room again (windows) or the period ends
     taken: list[int]  # per check, what this request reserved
+    at_ms: int = 0  # when it was admitted (Redis's clock): its windows' second
 
 
-def _settle_args(checks: list[Check], ticket: str, taken: list[int],
+def _settle_args(checks: list[Check], ticket: str, at_ms: int, taken: list[int],
                  actual: list[int]) -> tuple[list[str], list[str | int]]:
-    keys = [key for check in checks for key in _keys(check)]
-    args: list[str | int] = [ticket]
-    for check, reserved, spent in zip(checks, taken, actual, strict=True):
-        args += [CODE[check.kind], reserved, spent]
-    return keys, args
-
-
-def _keys(check: Check) -> list[str]:
-    if check.kind == "window":
-        return [check.key + ":z", check.key + ":h", check.key + ":t"]
-    return [check.key]
+    spec = " ".join(f"{CODE[check.kind]} {reserved} {spent}"
+                    for check, reserved, spent in zip(checks, taken, actual, strict=True))
+    return [check.key for check in checks], [ticket, at_ms, spec]
 
 
 class RedisCounters:
@@ -208,37 +216,37 @@ class RedisCounters:
         return await self._lean.script(script.sha, source, keys, args)
 
     async def admit(self, checks: list[Check], ticket: str, now_ms: int = 0) -> Decision:
-        keys = [key for check in checks for key in _keys(check)]
-        args: list[str | int] = [now_ms, ticket, KEEP_QUOTA_MS]
-        for check in checks:
-            args += [CODE[check.kind], check.limit, check.cost, check.floor, check.span_ms]
-        out = [int(v) for v in await self._run(self._admit, keys, args)]
+        spec = " ".join(f"{CODE[c.kind]} {c.limit} {c.cost} {c.floor} {c.span_ms}"
+                        for c in checks)
+        out = [int(v) for v in await self._run(
+            self._admit, [check.key for check in checks], [now_ms, ticket, KEEP_QUOTA_MS, spec])]
         if not out[0]:
             return Decision(False, out[1], out[2], [out[3]], [], [])
-        return Decision(True, -1, 0, out[4::3], out[5::3], out[6::3])
+        return Decision(True, -1, 0, out[4::3], out[5::3], out[6::3], out[2])
 
-    async def settle(self, checks: list[Check], ticket: str, taken: list[int],
+    async def settle(self, checks: list[Check], ticket: str, at_ms: int, taken: list[int],
                      actual: list[int]) -> None:
-        keys, args = _settle_args(checks, ticket, taken, actual)
+        """Replace what ``ticket`` reserved at ``at_ms`` (0: not known) with what it used."""
+        keys, args = _settle_args(checks, ticket, at_ms, taken, actual)
         await self._run(self._settle, keys, args)
 
-    def send_settle(self, checks: list[Check], ticket: str, taken: list[int],
+    def send_settle(self, checks: list[Check], ticket: str, at_ms: int, taken: list[int],
                     actual: list[int]) -> asyncio.Future[Any] | None:
         """The settlement written to Redis now, its answer to come; None when it cannot be
         written at once (no lean connection open), and ``settle`` must be awaited instead."""
         if self._lean is None:
             return None
-        keys, args = _settle_args(checks, ticket, taken, actual)
+        keys, args = _settle_args(checks, ticket, at_ms, taken, actual)
         return self._lean.send("EVALSHA", self._settle.sha, len(keys), *keys, *args)
 
     async def settled(self, sent: asyncio.Future[Any], checks: list[Check], ticket: str,
-                      taken: list[int], actual: list[int]) -> None:
+                      at_ms: int, taken: list[int], actual: list[int]) -> None:
         """Wait for what ``send_settle`` wrote; a Redis that lost the script gets it again."""
         try:
             async with asyncio.timeout(self.timeout):
                 await sent
         except NoScriptError:
-            await self.settle(checks, ticket, taken, actual)
+            await self.settle(checks, ticket, at_ms, taken, actual)
 
     async def raise_to(self, key: str, value: int, keep_ms: int) -> int:
         """A quota counter brought up to what Postgres knows was used (never down)."""
