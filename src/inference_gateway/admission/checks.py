@@ -2,10 +2,10 @@
 
 Three kinds of check, each exact and each done for all limits of a request in one atomic step:
 
-* ``window``: requests or tokens in the last 60 seconds (a sliding window log: every admitted
-  request is kept with its time and cost until it is 60 s old). Any 60-second span admits at
-  most the limit, plus what settling added beyond a reservation; a token bucket or GCRA would
-  admit up to twice the limit in a span that starts with a full bucket.
+* ``window``: requests or tokens in the last 60 seconds, counted per second (a second counts
+  while any part of it is in the window). Any 60-second span admits at most the limit, plus
+  what settling added beyond a reservation; a token bucket or GCRA would admit up to twice the
+  limit in a span that starts with a full bucket.
 * ``concurrent``: requests under way; each holds a place until it is settled (or, should its
   gateway die, until a time-out).
 * ``quota``: tokens in the current UTC day or calendar month, one counter per period.
@@ -21,9 +21,10 @@ estimate: a quota refuses only when it is (nearly) spent, never for the size of 
 from __future__ import annotations
 
 import calendar
-from dataclasses import dataclass
+import functools
+import time
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from inference_gateway.admission.limits import Limit
 
@@ -34,8 +35,7 @@ Kind = Literal["window", "concurrent", "quota"]
 Measure = Literal["requests", "tokens"]
 
 
-@dataclass(frozen=True, slots=True)
-class Check:
+class Check(NamedTuple):  # a tuple: made for every limited request, and cheaply
     kind: Kind
     measure: Measure
     key: str  # the counter's key; hash-tagged by organization
@@ -46,23 +46,26 @@ class Check:
     owner: Limit
 
 
-def period_end_ms(now: datetime, period: Literal["day", "month"]) -> tuple[str, int]:
-    """The current UTC period's name and its end, in ms since the epoch."""
-    if period == "day":
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start.timestamp() + 86_400
-        return f"d{start:%Y%m%d}", int(end * 1000)
-    days = calendar.monthrange(now.year, now.month)[1]
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    return f"m{start:%Y%m}", int((start.timestamp() + days * 86_400) * 1000)
+DAY_MS = 86_400_000
+
+
+@functools.lru_cache(maxsize=4)
+def _periods(day: int) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The day's and the month's name and end, for a UTC day (days since the epoch): worked
+    out once a day, not for every request."""
+    start = datetime.fromtimestamp(day * 86_400, UTC)
+    days = calendar.monthrange(start.year, start.month)[1]
+    month = start.replace(day=1)
+    return ((f"d{start:%Y%m%d}", (day + 1) * DAY_MS),
+            (f"m{month:%Y%m}", int((month.timestamp() + days * 86_400) * 1000)))
 
 
 def checks_for(limits: tuple[Limit, ...], prompt: int, completion: int, *, named: bool = True,
                now: datetime | None = None) -> list[Check]:
     """Every counter a request with these estimates must fit in; ``named`` when the
     request set its own limit of tokens to generate."""
-    now = now or datetime.now(UTC)
-    now_ms = int(now.timestamp() * 1000)
+    now_ms = int((now.timestamp() if now is not None else time.time()) * 1000)
+    periods = _periods(now_ms // DAY_MS)
     found: list[Check] = []
     for limit in limits:
         base = f"igw:{{{limit.organization_id}}}:{limit.subject}"
@@ -77,9 +80,9 @@ def checks_for(limits: tuple[Limit, ...], prompt: int, completion: int, *, named
         if limit.max_concurrent:
             found.append(Check("concurrent", "requests", f"{base}:cc", limit.max_concurrent, 1,
                                1, CONCURRENT_TTL_MS, limit))
-        for period, quota in (("day", limit.tokens_per_day), ("month", limit.tokens_per_month)):
+        for (name, end), quota in zip(periods, (limit.tokens_per_day, limit.tokens_per_month),
+                                      strict=True):
             if quota:
-                name, end = period_end_ms(now, period)  # type: ignore[arg-type]
                 found.append(Check("quota", "tokens", f"{base}:q:{name}", quota, tokens,
                                    limit.weighted(prompt, 0), end - now_ms, limit))
     return found

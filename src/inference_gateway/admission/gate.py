@@ -13,13 +13,13 @@ everything, ``closed`` refuses with a 503. Redis is tried again every few second
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
+import os
 import time
-import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.exceptions
 
@@ -38,8 +38,7 @@ RETRY_REDIS_SEC = 2.0
 _TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
-@dataclass(frozen=True, slots=True)
-class Ticket:
+class Ticket(NamedTuple):
     """A request's reservation, settled once its usage is known."""
 
     id: str
@@ -126,6 +125,9 @@ class Admission:
         self.cap = settings.rate_limit_reserved_tokens
         self._redis_back_at = 0.0
         self._settling: set[asyncio.Task[None]] = set()
+        # Tickets name places held at once in Redis: unique across processes and gateways.
+        self._tickets_prefix = os.urandom(8).hex() + "-"
+        self._tickets = itertools.count()
         self.refused = 0  # requests refused by a limit, for the metrics
 
     async def admit(self, tenant: Tenant, model: str, fields: dict[str, object],
@@ -137,7 +139,7 @@ class Admission:
         checks = checks_for(limits, prompt, completion, named=named)
         if not checks:
             return None
-        ticket = uuid.uuid4().hex
+        ticket = f"{self._tickets_prefix}{next(self._tickets)}"
         try:
             decision, local = await self._decide(checks, ticket)
         except asyncio.CancelledError:  # the client left; Redis may have admitted it all the same

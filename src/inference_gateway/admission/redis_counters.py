@@ -8,8 +8,7 @@ still count the same 60 seconds.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as redis
 from redis.asyncio.connection import parse_url
@@ -23,12 +22,16 @@ CODE = {"window": "w", "concurrent": "c", "quota": "q"}
 KEEP_QUOTA_MS = 2 * 86_400_000  # a period's counter outlives it, for the reconciler
 
 # A window is one hash: what was admitted in each second (a field per second, named by its
-# number since the epoch), their sum ("t") and the oldest second that may still be held ("o").
+# number since the epoch), their sum ("t"), and the oldest and newest seconds held ("o", "n").
 # A second counts while any part of it is within the window, so a request leaves it between 60
 # and 61 seconds after its admission, and no span of 60 seconds ever admits more than the limit.
-# What a request costs Redis does not grow with the rate: a few hash fields, not an entry each.
-# Each check's arguments come in one string ("w <limit> <cost> <floor> <span> ..."): one
-# argument to encode and send, not five.
+# What a request costs Redis does not grow with the rate: a few hash fields, not an entry each,
+# read in one call and written in one. Each redis.call is a few microseconds, so the scripts
+# make as few as they can: a window's expiry is renewed once a second, a quota's once a
+# period, and the places of gateways that died (past their time-out) are not counted but only
+# removed when they could refuse someone.
+# Each check's arguments come in one string ("w <limit> <cost> <floor> <span> ..."), and the
+# answer is one string of numbers: one argument to encode, one value to parse.
 _ADMIT = """
 local now = tonumber(ARGV[1])
 if now == 0 then
@@ -37,16 +40,14 @@ if now == 0 then
 end
 local ticket, keep, second = ARGV[2], tonumber(ARGV[3]), math.floor(now / 1000)
 local spec = {}
-for word in string.gmatch(ARGV[4], '%S+') do spec[#spec + 1] = word end
+for word in string.gmatch(ARGV[4], '%S+') do spec[#spec + 1] = tonumber(word) or word end
 local n = #spec / 5
-local function trim(h, first)
-  local held = redis.call('HMGET', h, 't', 'o')
-  local total, oldest = tonumber(held[1] or '0'), tonumber(held[2] or first)
-  if oldest < first then
-    if first - oldest > 61 then
-      redis.call('DEL', h)
-      total = 0
-    else
+local function window(h, first)
+  local held = redis.call('HMGET', h, 't', 'o', 'n', second)
+  local total = tonumber(held[1] or '0')
+  if total > 0 and tonumber(held[3]) >= first then
+    local oldest, newest = tonumber(held[2]), tonumber(held[3])
+    if oldest < first then
       for s = oldest, first - 1 do
         local v = redis.call('HGET', h, s)
         if v then
@@ -54,75 +55,73 @@ local function trim(h, first)
           redis.call('HDEL', h, s)
         end
       end
+      oldest = first
+      while oldest < newest and redis.call('HEXISTS', h, oldest) == 0 do oldest = oldest + 1 end
     end
-    oldest = first
+    return total, oldest, newest, tonumber(held[4] or '0')
   end
-  if total <= 0 then  -- nothing held (what is left are seconds settled to nothing)
-    if held[1] then redis.call('DEL', h) end
-    return 0, second
-  end
-  while oldest < second and redis.call('HEXISTS', h, oldest) == 0 do oldest = oldest + 1 end
-  return total, oldest
+  if held[1] then redis.call('DEL', h) end  -- all it held has left, or was given back
+  return 0, second, -1, 0
 end
-local used, resets, taken, olds = {}, {}, {}, {}
+local state, taken = {}, {}
+local out = {1, -1, now, 0}
 for i = 0, n - 1 do
-  local kind, limit = spec[i * 5 + 1], tonumber(spec[i * 5 + 2])
-  local cost, floor, span = tonumber(spec[i * 5 + 3]), tonumber(spec[i * 5 + 4]),
-    tonumber(spec[i * 5 + 5])
+  local kind, limit, cost, floor, span = unpack(spec, i * 5 + 1, i * 5 + 5)
   local key = KEYS[i + 1]
+  local used, reset
   if kind == 'w' then
-    local first = math.floor((now - span) / 1000)
-    local total, oldest = trim(key, first)
+    local total, oldest, newest, here = window(key, math.floor((now - span) / 1000))
     if total + floor > limit then
+      local seconds = {}
+      for s = oldest, second do seconds[#seconds + 1] = s end
+      local counts = redis.call('HMGET', key, unpack(seconds))
       local need, freed, free_at = total + floor - limit, 0, now + span
-      for s = oldest, second do
-        freed = freed + tonumber(redis.call('HGET', key, s) or '0')
+      for j, c in ipairs(counts) do
+        freed = freed + tonumber(c or '0')
         if freed >= need then
-          free_at = (s + 1) * 1000 + span
+          free_at = (seconds[j] + 1) * 1000 + span
           break
         end
       end
-      return {0, i, free_at - now, total}
+      return table.concat({0, i, free_at - now, total}, ' ')
     end
-    taken[i] = math.min(cost, limit - total)
-    used[i] = total
-    olds[i] = oldest
-    resets[i] = (oldest + 1) * 1000 + span - now
+    state[i] = {total, oldest, newest, here}
+    used, reset = total, (oldest + 1) * 1000 + span - now
   elseif kind == 'c' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    local count = redis.call('ZCARD', key)
-    if count + 1 > limit then return {0, i, 1000, count} end
-    taken[i] = 1
-    used[i] = count
-    resets[i] = 0
+    used = redis.call('ZCOUNT', key, '(' .. now, '+inf')
+    if used + 1 > limit then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      return table.concat({0, i, 1000, used}, ' ')
+    end
+    cost, reset = 1, 0
   else
-    local total = tonumber(redis.call('GET', key) or '0')
-    if total + floor > limit then return {0, i, span, total} end
-    taken[i] = math.min(cost, limit - total)
-    used[i] = total
-    resets[i] = span
+    local held = redis.call('GET', key)
+    used = tonumber(held or '0')
+    if used + floor > limit then return table.concat({0, i, span, used}, ' ') end
+    state[i] = held
+    reset = span
   end
+  taken[i] = math.min(cost, limit - used)
+  out[#out + 1] = used + taken[i]
+  out[#out + 1] = reset
+  out[#out + 1] = taken[i]
 end
-local out = {1, -1, now, 0}
 for i = 0, n - 1 do
-  local kind, span, key = spec[i * 5 + 1], tonumber(spec[i * 5 + 5]), KEYS[i + 1]
-  local take = taken[i]
+  local kind, span, key, take = spec[i * 5 + 1], spec[i * 5 + 5], KEYS[i + 1], taken[i]
   if kind == 'w' then
-    redis.call('HINCRBY', key, second, take)
-    redis.call('HSET', key, 't', used[i] + take, 'o', olds[i])
-    redis.call('PEXPIRE', key, span + 2000)
+    local total, oldest, newest, here = unpack(state[i])
+    redis.call('HSET', key, second, here + take, 't', total + take, 'o', oldest,
+      'n', math.max(newest, second))
+    if newest < second then redis.call('PEXPIRE', key, span + 2000) end
   elseif kind == 'c' then
     redis.call('ZADD', key, now + span, ticket)
     redis.call('PEXPIRE', key, span + 60000)
   else
     redis.call('INCRBY', key, take)
-    redis.call('PEXPIRE', key, span + keep)
+    if not state[i] then redis.call('PEXPIRE', key, span + keep) end
   end
-  table.insert(out, used[i] + take)
-  table.insert(out, resets[i])
-  table.insert(out, take)
 end
-return out
+return table.concat(out, ' ')
 """
 
 # A window's reservation is corrected in the second it was made in, if that second still
@@ -131,28 +130,24 @@ return out
 _SETTLE = """
 local ticket, at = ARGV[1], tonumber(ARGV[2])
 local spec = {}
-for word in string.gmatch(ARGV[3], '%S+') do spec[#spec + 1] = word end
+for word in string.gmatch(ARGV[3], '%S+') do spec[#spec + 1] = tonumber(word) or word end
 for i = 0, #spec / 3 - 1 do
-  local kind, reserved, actual = spec[i * 3 + 1], tonumber(spec[i * 3 + 2]),
-    tonumber(spec[i * 3 + 3])
+  local kind, reserved, actual = unpack(spec, i * 3 + 1, i * 3 + 3)
   local key = KEYS[i + 1]
   if kind == 'w' then
     if actual ~= reserved then
-      local second
-      if at > 0 then
-        second = math.floor(at / 1000)
-      else
-        local t = redis.call('TIME')
-        second = tonumber(t[1])
+      local second = math.floor(at / 1000)
+      if at == 0 then
+        second = tonumber(redis.call('TIME')[1])
         if tonumber(redis.call('HGET', key, second) or '0') < reserved then
           second = second - 1
         end
       end
-      local held = tonumber(redis.call('HGET', key, second) or '-1')
-      if held >= 0 then
-        local change = math.max(actual - reserved, -held)
-        redis.call('HINCRBY', key, second, change)
-        redis.call('HINCRBY', key, 't', change)
+      local held = redis.call('HMGET', key, second, 't')
+      if held[1] then
+        local change = math.max(actual - reserved, -tonumber(held[1]))
+        redis.call('HSET', key, second, tonumber(held[1]) + change,
+          't', tonumber(held[2]) + change)
       end
     end
   elseif kind == 'c' then
@@ -174,8 +169,7 @@ return current
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     admitted: bool
     failing: int  # the index of the check that refused; -1 when admitted
     retry_ms: int  # when the refusing check could admit the request
@@ -218,8 +212,9 @@ class RedisCounters:
     async def admit(self, checks: list[Check], ticket: str, now_ms: int = 0) -> Decision:
         spec = " ".join(f"{CODE[c.kind]} {c.limit} {c.cost} {c.floor} {c.span_ms}"
                         for c in checks)
-        out = [int(v) for v in await self._run(
-            self._admit, [check.key for check in checks], [now_ms, ticket, KEEP_QUOTA_MS, spec])]
+        answer = await self._run(self._admit, [check.key for check in checks],
+                                 [now_ms, ticket, KEEP_QUOTA_MS, spec])
+        out = [int(v) for v in answer.split()]
         if not out[0]:
             return Decision(False, out[1], out[2], [out[3]], [], [])
         return Decision(True, -1, 0, out[4::3], out[5::3], out[6::3], out[2])
