@@ -4,20 +4,28 @@ A cost of a few per cent, or a few hundredths of a millisecond, is smaller than 
 of machine moves from one measurement to the next (the load generator, the backend and Postgres
 share its cores). Measured one gateway after the other, such a cost is lost in that noise, and
 the order of the measurements decides the answer. So the gateways being compared run side by
-side, each round measures every one of them for a few seconds in an order that turns with the
-round (every gateway takes every place equally often), and the result is the median over the
-rounds of each gateway's ratio and difference against the base measured in the same round.
+side, each round measures every one of them for a few seconds in an order that changes with the
+round (each takes every place, and follows every other, equally often), and the result is the
+median over the rounds of each gateway's ratio and difference against the base measured in the
+same round. Beside them, the CPU time each gateway process used per request: where the
+machine's noise moves req/s by a quarter from one round to the next, it moves CPU per request
+much less.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import proxy_load
+import proxy_procs
 from proxy_load import WrkResult
+
+QUIET_BUSY = 0.15  # before each measurement, wait (a while) for the last one's tail to end
+QUIET_WAIT_SEC = 10.0
 
 
 @dataclass(frozen=True)
@@ -26,12 +34,15 @@ class Variant:
     label: str
     url: str
     headers: Mapping[str, str]
+    pid: int  # the one worker process, for its CPU time
 
 
-def rotation(items: list[Variant], turn: int) -> list[Variant]:
-    """The round's order: each item takes each place once every ``len(items)`` rounds."""
-    turn %= len(items)
-    return items[turn:] + items[:turn]
+def order(items: list[Variant], turn: int) -> list[Variant]:
+    """The round's order: every order in turn, so that over ``len(items)!`` rounds each item
+    takes each place, and follows each other item, equally often (what one measurement leaves
+    behind, a gateway still writing its rows, falls on every other gateway alike)."""
+    orders = list(itertools.permutations(items))
+    return list(orders[turn % len(orders)])
 
 
 def measure(base: Variant, others: list[Variant], path: str, body: Any,
@@ -42,13 +53,18 @@ def measure(base: Variant, others: list[Variant], path: str, body: Any,
     every = [base, *others]
     for variant in every:  # connections opened, caches filled, before anything counts
         proxy_load.wrk(variant.url + path, body, variant.headers, 32, 2)
-    out: dict[str, Any] = {"rounds": rounds, "seconds": seconds, "base": base.label}
+    out: dict[str, Any] = {"rounds": rounds, "round_seconds": seconds, "base": base.label}
     for c in connections:
         runs: dict[str, list[WrkResult]] = {v.key: [] for v in every}
+        cpu_us: dict[str, list[float]] = {v.key: [] for v in every}  # per request
         for turn in range(rounds):
-            for variant in rotation(every, turn):
-                runs[variant.key].append(proxy_load.wrk(
-                    variant.url + path, body, variant.headers, c, seconds))
+            for variant in order(every, turn):
+                proxy_procs.wait_quiet(QUIET_BUSY, QUIET_WAIT_SEC)
+                before = proxy_procs.cpu_seconds(variant.pid)
+                result = proxy_load.wrk(variant.url + path, body, variant.headers, c, seconds)
+                used = proxy_procs.cpu_seconds(variant.pid) - before
+                runs[variant.key].append(result)
+                cpu_us[variant.key].append(used * 1e6 / max(result.requests, 1))
         per_c: dict[str, Any] = {}
         for variant in others:
             pairs = list(zip(runs[base.key], runs[variant.key], strict=True))
@@ -64,6 +80,10 @@ def measure(base: Variant, others: list[Variant], path: str, body: Any,
                 "rps": round(statistics.median(v.rps for _, v in pairs), 1),
                 "p50_base_ms": round(statistics.median(b.p50_us for b, _ in pairs) / 1000, 4),
                 "p50_ms": round(statistics.median(v.p50_us for _, v in pairs) / 1000, 4),
+                "cpu_us_base": round(statistics.median(cpu_us[base.key]), 1),
+                "cpu_us": round(statistics.median(cpu_us[variant.key]), 1),
+                "rounds_cpu_us_added": [round(v - b, 1) for b, v in zip(
+                    cpu_us[base.key], cpu_us[variant.key], strict=True)],
                 "rounds_rps_ratio": [round(r, 3) for r in ratios],
                 "rounds_p50_added_ms": [round(d, 3) for d in p50],
                 "errors": sum(v.errors for v in runs[variant.key]),
@@ -71,7 +91,8 @@ def measure(base: Variant, others: list[Variant], path: str, body: Any,
             s = per_c[variant.key]
             say(f"  c={c:<3} {variant.label:<26} req/s x{s['rps_ratio']:.3f} "
                 f"(rounds {min(ratios):.3f}-{max(ratios):.3f}), p50 "
-                f"{s['p50_added_ms']:+.3f} ms (rounds {min(p50):+.3f} to {max(p50):+.3f})")
+                f"{s['p50_added_ms']:+.3f} ms (rounds {min(p50):+.3f} to {max(p50):+.3f}), "
+                f"CPU per request {s['cpu_us_base']:.0f} -> {s['cpu_us']:.0f} us")
         per_c["base_errors"] = sum(b.errors for b in runs[base.key])
         out[f"c{c}"] = per_c
     return out

@@ -154,13 +154,15 @@ def _costs(results: dict[str, Any]) -> list[str]:
             rows.append([v["label"], key[1:], _num(v["rps_base"]), _num(v["rps"]),
                          f"{v['rps_ratio']:.3f}", f"{v['p50_base_ms']:.3f}",
                          f"{v['p50_ms']:.3f}", f"{v['p50_added_ms']:+.3f}",
+                         f"{v.get('cpu_us_base', 0):.0f} → {v.get('cpu_us', 0):.0f}",
                          " ".join(f"{r:.2f}" for r in v["rounds_rps_ratio"])])
     return [f"Three one-worker gateways side by side, {costs['rounds']} rounds of "
-            f"{costs['seconds']:.0f} s per gateway in an order that turns with each round; "
+            f"{costs['round_seconds']:.0f} s per gateway in an order that changes with each round; "
             f"medians over the rounds, each against the base ({costs['base']}) measured in "
             "the same round.", "",
             *_table(["gateway", "c", "base req/s", "req/s", "ratio", "base p50 (ms)",
-                     "p50 (ms)", "p50 added (ms)", "ratio per round"], rows, left=(0, 8))]
+                     "p50 (ms)", "p50 added (ms)", "CPU µs per request", "ratio per round"],
+                    rows, left=(0, 9))]
 
 
 def render(results: dict[str, Any]) -> str:
