@@ -1,7 +1,8 @@
 """The JSON access log and the OTLP traces of a real gateway process.
 
 The traces go to an OTLP/HTTP receiver run by the test, which decodes them with the protocol's
-own message types, as a collector would.
+own message types, as a collector would. The trace context the gateway hands on is read by a
+model server of the test's own that records each request's headers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import pytest
 import requests
 from aiohttp import web
 
+from inference_gateway.proxy.trace_context import parse, start
+
 from harness import Proc, free_port, start_gateway
 
 pb = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
@@ -29,6 +32,7 @@ class Receiver:
     def __init__(self) -> None:
         self.port = free_port()
         self.spans: list[object] = []
+        self.headers: list[dict[str, str]] = []  # of each chat request, as a model server
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -43,10 +47,25 @@ class Receiver:
         return web.Response(body=pb.ExportTraceServiceResponse().SerializeToString(),
                             content_type="application/x-protobuf")
 
+    async def _chat(self, request: web.Request) -> web.Response:
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        await request.read()
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_post("/v1/traces", self._traces)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._health)
         runner = web.AppRunner(app)
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
@@ -120,3 +139,70 @@ def _attributes(span: object) -> dict[str, object]:
     for kv in span.attributes:  # type: ignore[attr-defined]
         values[kv.key] = getattr(kv.value, kv.value.WhichOneof("value"))
     return values
+
+
+def test_traceparent_is_read_and_checked() -> None:
+    trace, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    assert parse(f"00-{trace}-{parent}-01") == (trace, parent, True)
+    assert parse(f"00-{trace}-{parent}-00") == (trace, parent, False)
+    assert parse(f"01-{trace}-{parent}-01-extra") == (trace, parent, True)  # a later version
+    for bad in (None, "", "junk", f"00-{trace}-{parent}-01-extra", f"ff-{trace}-{parent}-01",
+                f"00-{'0' * 32}-{parent}-01", f"00-{trace}-{'0' * 16}-01",
+                f"00-{trace.upper()}-{parent}-01", f"00-{trace[:-1]}-{parent}-01",
+                f"00-{trace}-{parent}-0x"):
+        assert parse(bad) is None, bad
+    mine = start({"traceparent": f"00-{trace}-{parent}-01"})
+    assert (mine.trace_id, mine.parent_id, mine.sampled) == (trace, parent, True)
+    assert mine.traceparent() == f"00-{trace}-{mine.client_id}-01"
+    assert len({mine.server_id, mine.client_id, parent}) == 3
+    fresh = start({"traceparent": "junk"})
+    assert fresh.parent_id is None and fresh.sampled and len(fresh.trace_id) == 32
+
+
+@pytest.fixture
+def traced_to_own_server(tmp_path: Path, database_url: str) -> Iterator[tuple[Proc, Receiver]]:
+    receiver = Receiver()  # the collector and the model server at once
+    gateway = start_gateway(tmp_path, database_url, f"http://127.0.0.1:{receiver.port}",
+                            OTEL_TRACES_EXPORTER="otlp",
+                            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}")
+    try:
+        yield gateway, receiver
+    finally:
+        gateway.stop()
+        receiver.close()
+
+
+def test_the_trace_goes_on_to_the_model_server(
+        traced_to_own_server: tuple[Proc, Receiver]) -> None:
+    """A client's trace is continued, and the model server is sent the gateway's upstream
+    span as its parent (vLLM puts its spans under it); without one the gateway starts one."""
+    gateway, receiver = traced_to_own_server
+    tag = uuid.uuid4().hex[:8]
+    headers = {"X-TEMBO-ORG": f"org-{tag}", "X-TEMBO-INSTANCE": f"inst-{tag}"}
+    chat = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    trace, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    sent = [{**headers, "traceparent": f"00-{trace}-{parent}-01", "tracestate": "vendor=1"},
+            headers, {**headers, "traceparent": "00-not-a-trace-01"}]
+    ids = []
+    for extra in sent:
+        resp = requests.post(f"{gateway.url}/v1/chat/completions", json=chat, headers=extra,
+                             timeout=10)
+        assert resp.status_code == 200, resp.text
+        ids.append(resp.headers["X-Request-Id"])
+    assert gateway.stop() == 0
+    assert len(receiver.headers) == 3
+
+    attrs = {span.span_id: _attributes(span) for span in receiver.spans}
+    servers = {attrs[s.span_id].get("inference_gateway.request_id"): s for s in receiver.spans}
+    for i, request_id in enumerate(ids):
+        server = servers[request_id]
+        (client,) = [s for s in receiver.spans if s.parent_span_id == server.span_id]
+        upstream = parse(receiver.headers[i].get("traceparent"))
+        assert upstream == (client.trace_id.hex(), client.span_id.hex(), True)
+        assert client.trace_id == server.trace_id
+        if i == 0:  # the client's trace, under the client's span
+            assert server.trace_id.hex() == trace and server.parent_span_id.hex() == parent
+            assert receiver.headers[i]["tracestate"] == "vendor=1"
+        else:  # a trace of the gateway's own
+            assert server.trace_id.hex() != trace and not server.parent_span_id
+            assert "tracestate" not in receiver.headers[i]

@@ -71,7 +71,8 @@ class Gateway:
             EndpointTable(settings.forwarded_endpoints), self.router, self.tenants, self.meter,
             self.relay, self.stored, Caps(settings.max_n, settings.max_tokens),
             settings.max_request_body_bytes, settings.prefix_affinity_chars,
-            admission=self.admission, observers=self.observability.observers)
+            admission=self.admission, observers=self.observability.observers,
+            traced=settings.otel_traces_exporter == "otlp")
         self.ready = False
         self.started = int(time.time())
         self._models_body = orjson.dumps(

@@ -2,8 +2,9 @@
 
 Imported only when ``OTEL_TRACES_EXPORTER=otlp`` (the ``otel`` extra installs the SDK); off, the
 gateway neither imports OpenTelemetry nor spends anything on it. The spans are made after the
-fact, with the request's own times, in a thread of their own (see ``offload``); the SDK's batch
-processor sends them from another.
+fact, with the request's own times and the ids the request path gave them (see
+``proxy.trace_context``: the upstream request carried its span's id to vLLM), in a thread of
+their own (see ``offload``); the SDK's batch processor sends them from another.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 
 from inference_gateway.errors import GatewayError
 from inference_gateway.metering.record import UsageRecord
@@ -24,6 +33,7 @@ from inference_gateway.observability.catalog import PROVIDER, operation
 from inference_gateway.observability.offload import Offload
 from inference_gateway.observability.request_metrics import route_of
 from inference_gateway.proxy.relay import Outcome
+from inference_gateway.proxy.trace_context import TraceIds
 
 NS = 1_000_000_000
 
@@ -32,12 +42,45 @@ def _ns(epoch: float) -> int:
     return int(epoch * NS)
 
 
+class _GivenIds(RandomIdGenerator):
+    """The ids the request path chose, for the spans made next; random ones otherwise."""
+
+    def __init__(self) -> None:
+        self.trace_id: int | None = None
+        self.span_ids: list[int] = []
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id if self.trace_id is not None else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        return self.span_ids.pop(0) if self.span_ids else super().generate_span_id()
+
+    def give(self, ids: TraceIds | None) -> None:
+        if ids is None:
+            self.trace_id, self.span_ids = None, []
+        else:
+            self.trace_id = int(ids.trace_id, 16)
+            self.span_ids = [int(ids.server_id, 16), int(ids.client_id, 16)]
+
+
+def _parent(ids: TraceIds | None) -> Any:
+    """The client's span, as the context of the gateway's request span (None: a new trace)."""
+    if ids is None or ids.parent_id is None:
+        return None
+    flags = TraceFlags(TraceFlags.SAMPLED if ids.sampled else TraceFlags.DEFAULT)
+    remote = SpanContext(int(ids.trace_id, 16), int(ids.parent_id, 16), is_remote=True,
+                         trace_flags=flags)
+    return trace.set_span_in_context(NonRecordingSpan(remote))
+
+
 class Tracing(Offload):
     """An ``Observer`` whose thread turns finished requests into spans."""
 
     def __init__(self, endpoint: str, service: str) -> None:
         super().__init__("traces")
-        self.provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        self.ids = _GivenIds()
+        self.provider = TracerProvider(resource=Resource.create({"service.name": service}),
+                                       id_generator=self.ids)
         url = endpoint.rstrip("/") + "/v1/traces"
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
         self.tracer = self.provider.get_tracer("inference_gateway")
@@ -56,7 +99,7 @@ class Tracing(Offload):
 
     def finished(self, record: UsageRecord, outcome: Outcome) -> None:
         self.put((record, outcome.sent_at, outcome.upstream_done_at,
-                  time.time() - time.monotonic()))
+                  time.time() - time.monotonic(), outcome.trace))
 
     # -- the thread -----------------------------------------------------------------------------
 
@@ -77,7 +120,7 @@ class Tracing(Offload):
         span.end(end_time=_ns(at))
 
     def _request(self, record: UsageRecord, sent: float | None, done: float | None,
-                 offset: float) -> None:
+                 offset: float, ids: TraceIds | None) -> None:
         route = route_of(record.endpoint)
         op = operation(route)
         common: dict[str, Any] = {
@@ -89,8 +132,10 @@ class Tracing(Offload):
         }
         if record.status >= 400:
             common["error.type"] = str(record.status)
+        self.ids.give(ids)
         span = self.tracer.start_span(
-            f"POST {route}", kind=SpanKind.SERVER, start_time=_ns(record.started_at),
+            f"POST {route}", context=_parent(ids), kind=SpanKind.SERVER,
+            start_time=_ns(record.started_at),
             attributes={**common, "http.route": route,
                         "http.response.status_code": record.status,
                         "inference_gateway.request_id": record.request_id,
@@ -108,6 +153,7 @@ class Tracing(Offload):
             if record.status >= 500:
                 upstream.set_status(Status(StatusCode.ERROR))
             upstream.end(end_time=_ns(end + offset))
+        self.ids.give(None)
         if record.status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=_ns(record.completed_at))

@@ -24,7 +24,7 @@ from inference_gateway.errors import GatewayError
 from inference_gateway.metering.meter import Meter
 from inference_gateway.metering.readers import Usage
 from inference_gateway.metering.record import UsageRecord, new_request_id
-from inference_gateway.proxy import tokenize
+from inference_gateway.proxy import tokenize, trace_context
 from inference_gateway.proxy.endpoints import (
     Endpoint,
     EndpointTable,
@@ -36,6 +36,7 @@ from inference_gateway.proxy.event_streams import EventStream
 from inference_gateway.proxy.payload import Caps, Payload, choices, parse, upstream_body
 from inference_gateway.proxy.relay import (
     CLIENT_CLOSED,
+    REQUEST_HEADERS,
     Answer,
     Exchange,
     OpenStream,
@@ -46,6 +47,7 @@ from inference_gateway.proxy.relay import (
 )
 from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.stored_responses import Owner, StoredResponses, not_found
+from inference_gateway.proxy.trace_context import TraceIds
 from inference_gateway.routing.replicas import Replica
 from inference_gateway.routing.router import Router
 from inference_gateway.tenants.caches import TenantCaches
@@ -74,6 +76,7 @@ class Context:
     started_at: float  # epoch
     payload: Payload | None
     ticket: Ticket | None  # what it reserved against its limits
+    trace: TraceIds | None  # its spans' ids, with traces on
 
 
 class Incoming(Protocol):
@@ -116,7 +119,8 @@ class ProxyHandler:
     def __init__(self, endpoints: EndpointTable, router: Router, tenants: TenantCaches,
                  meter: Meter, relay: Relay, stored: StoredResponses, caps: Caps,
                  max_body_bytes: int, affinity_chars: int = 0,
-                 observers: Sequence[Observer] = (), admission: Admission | None = None) -> None:
+                 observers: Sequence[Observer] = (), admission: Admission | None = None,
+                 traced: bool = False) -> None:
         self.endpoints = endpoints
         self.router = router
         self.tenants = tenants
@@ -128,6 +132,7 @@ class ProxyHandler:
         self.affinity_chars = affinity_chars
         self.observers = tuple(observers)
         self.admission = admission
+        self.traced = traced  # hand the trace on to the model server (W3C traceparent)
         self._estimates: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -214,13 +219,16 @@ class ProxyHandler:
             ticket = await self.admission.admit(tenant, served, payload.fields, len(body),
                                                 endpoint.generates)
         streamed = payload is not None and payload.stream
+        trace = trace_context.start(request.headers) if self.traced else None
         exchange = Exchange(
             method=request.method, targets=targets, path=f"{path}?{query}" if query else path,
             body=body, shape=endpoint.shape, bills=endpoint.bills, dialect=endpoint.dialect,
             reader=self._reader(endpoint, payload) if streamed else None,
+            headers=None if trace is None else trace_context.upstream_headers(
+                REQUEST_HEADERS, trace, request.headers),
         )
         context = Context(request_id, tenant, served, requested, path, streamed,
-                          endpoint.bills, started, started_at, payload, ticket)
+                          endpoint.bills, started, started_at, payload, ticket, trace)
         return exchange, context
 
     def _affinity(self, payload: Payload) -> bytes | None:
@@ -272,6 +280,7 @@ class ProxyHandler:
     def _finish(self, context: Context, outcome: Outcome) -> Pending:
         if self.observers and context.payload is not None:
             outcome.choices = choices(context.payload.fields)
+        outcome.trace = context.trace
         record = self._record(context, outcome)
         reader = outcome.reader
         if context.endpoint == "/v1/responses" and record.upstream_id and record.status == 200:

@@ -25,6 +25,7 @@ from inference_gateway.errors import Dialect, error_body, from_framework
 from inference_gateway.metering.readers import Shape, Usage, read_id, read_usage
 from inference_gateway.proxy.event_streams import EventStream
 from inference_gateway.proxy.sse import StreamFilter
+from inference_gateway.proxy.trace_context import TraceIds
 from inference_gateway.proxy.upstream import Pool, Response, UpstreamError, UpstreamTimeout
 
 # Response headers that describe one hop's connection, not the response itself.
@@ -35,7 +36,7 @@ _HOP_BY_HOP = frozenset(
         "Date", "Server", "Proxy-Authenticate", "Trailer", "Upgrade",
     )
 )
-_REQUEST_HEADERS = [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
+REQUEST_HEADERS = [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
 CLIENT_CLOSED = 499  # as nginx logs a request whose client went away before the answer
 
 StreamReader = StreamFilter | EventStream
@@ -92,6 +93,7 @@ class Exchange:
     bills: bool  # whether the answer's usage is billed
     dialect: Dialect  # how the gateway's own errors read
     reader: StreamReader | None  # prepared for a stream the client asked for
+    headers: list[tuple[str, str]] | None = None  # for the upstream; None: REQUEST_HEADERS
 
 
 @dataclass(slots=True)
@@ -110,6 +112,7 @@ class Outcome:
     reader: StreamReader | None = None  # of a streamed answer: what was relayed
     replica: str | None = None  # the replica that answered (or was tried last)
     choices: int = 1  # the request's n: vLLM counts the prompt once for each
+    trace: TraceIds | None = None  # its spans' ids, with traces on
 
 
 def _copy_headers(upstream: Response, extra: dict[str, str]) -> list[tuple[str, str]]:
@@ -218,7 +221,8 @@ class Relay:
             outcome.sent_at = time.monotonic()
             try:
                 answer = await self.pool(target.url).request(
-                    exchange.method, exchange.path, exchange.body, _REQUEST_HEADERS)
+                    exchange.method, exchange.path, exchange.body,
+                    exchange.headers or REQUEST_HEADERS)
             except UpstreamTimeout as exc:  # it may be generating: never sent again
                 return exc
             except UpstreamError as exc:  # refused or reset before any byte: safe to resend
