@@ -3,6 +3,7 @@ reservations and settling, places held at once, quotas and their periods."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -248,17 +249,45 @@ async def test_a_window_holds_a_few_fields_whatever_the_rate(redis_url: str) -> 
         await store.aclose()
 
 
-async def test_a_reservation_whose_answer_never_came_is_given_back(redis_url: str) -> None:
-    """A client that left while Redis admitted it: the release finds its second by the clock,
-    and gives back its places and its minute's requests and tokens."""
+async def test_a_request_that_left_during_its_admission_gives_back_what_it_took(
+        redis_url: str) -> None:
+    """The client left while Redis admitted it: the answer still comes, to the one who asked
+    for it, and what the admission took is given back exactly."""
     counters = RedisCounters(redis_url, 1.0)
     try:
+        await counters.admit(checks_for((limit(requests_per_minute=1),), 1, 0), "open")
         checks = checks_for((limit(requests_per_minute=2, tokens_per_minute=1000,
-                                   max_concurrent=1),), 10, 40, now=T0)
-        decision = await counters.admit(checks, "gone")  # Redis's clock, as in service
+                                   max_concurrent=1),), 10, 40)
+        late: list[Decision] = []
+        task = asyncio.create_task(counters.admit(checks, "gone", orphan=late.append))
+        await asyncio.sleep(0)  # the script is on its way (the connection is open)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if late:
+                break
+            await asyncio.sleep(0.01)
+        (decision,) = late
         assert decision.admitted and decision.taken == [1, 50, 1]
-        await counters.settle(checks, "gone", 0, [1, 50, 0], [0, 0, 0])
+        await counters.settle(checks, "gone", decision.at_ms, decision.taken, [0, 0, 0])
         again = await counters.admit(checks, "next")
         assert again.admitted and again.used == [1, 50, 1]
     finally:
         await counters.close()
+
+
+async def test_a_refusal_by_another_check_keeps_the_window_right(counters: Both) -> None:
+    """A window that dropped its old seconds keeps its sum right even when another check
+    refuses the request in the same step."""
+    checks = checks_for((limit(requests_per_minute=10, max_concurrent=1),), 1, 0, now=T0)
+    for i in range(9):  # five in second 0, four in second 30, each done at once
+        at = MS0 + (0 if i < 5 else 30_000) + i
+        assert (await counters.admit(checks, f"r{i}", at)).admitted
+        await counters.settle(checks, f"r{i}", [1, 1])
+    assert (await counters.admit(checks, "long", MS0 + 30_100)).admitted  # holds the place
+    refused = await counters.admit(checks, "x", MS0 + 61_000)  # second 0 has left the window
+    assert not refused.admitted and refused.failing == 1  # the place is taken
+    await counters.settle(checks, "long", [1, 1])
+    after = await counters.admit(checks, "y", MS0 + 62_000)
+    assert after.admitted and after.used == [6, 1]

@@ -13,6 +13,7 @@ everything, ``closed`` refuses with a 503. Redis is tried again every few second
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -143,7 +144,7 @@ class Admission:
         try:
             decision, local = await self._decide(checks, ticket)
         except asyncio.CancelledError:  # the client left; Redis may have admitted it all the same
-            if self.redis is not None:
+            if self.redis is not None:  # its places at least (the answer gives back the rest)
                 self._in_background(self._release(checks, ticket))
             raise
         if decision is None:
@@ -157,7 +158,8 @@ class Admission:
     async def _decide(self, checks: list[Check], ticket: str) -> tuple[Decision | None, bool]:
         if self.redis is not None and time.monotonic() >= self._redis_back_at:
             try:
-                decision = await self.redis.admit(checks, ticket)
+                decision = await self.redis.admit(
+                    checks, ticket, orphan=functools.partial(self._orphaned, checks, ticket))
             except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
                 self._redis_lost(exc)
             else:
@@ -212,14 +214,28 @@ class Admission:
         task.add_done_callback(self._settling.discard)
         return task
 
-    async def _release(self, checks: list[Check], ticket: str) -> None:
-        """Give back the places and the minute's tokens of a request that never ran: the
-        admission's answer never came, so what it reserved is taken as its cost, and never
-        more than its second holds. (What a quota reserved stays counted.)"""
+    def _orphaned(self, checks: list[Check], ticket: str, decision: Decision) -> None:
+        """Redis's answer to an admission whose request went away before it came: what it
+        reserved is given back, all of it, since the request never ran."""
+        if decision.admitted:
+            self._in_background(self._give_back(checks, ticket, decision))
+
+    async def _give_back(self, checks: list[Check], ticket: str, decision: Decision) -> None:
         assert self.redis is not None
-        reserved = [check.cost if check.kind == "window" else 0 for check in checks]
         try:
-            await self.redis.settle(checks, ticket, 0, reserved, [0] * len(checks))
+            await self.redis.settle(checks, ticket, decision.at_ms, decision.taken,
+                                    [0] * len(checks))
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            log.warning("rate limits: could not give back a reservation (%s)", exc)
+
+    async def _release(self, checks: list[Check], ticket: str) -> None:
+        """Free the places held at once by a request that never ran, by its ticket: nothing
+        else, as what its admission reserved is only known from its answer (``_orphaned``),
+        and an admission that never reached Redis reserved nothing."""
+        assert self.redis is not None
+        nothing = [0] * len(checks)
+        try:
+            await self.redis.settle(checks, ticket, 0, nothing, nothing)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             log.warning("rate limits: could not release a reservation (%s)", exc)
 

@@ -53,6 +53,12 @@ class _Window:
         self.seconds[second] = self.seconds.get(second, 0) + amount
         self.total += amount
 
+    def admit(self, second: int, amount: int) -> None:
+        """Count an admission in its second, or in the newest one held should the clock have
+        gone back (Redis's and this process's may differ): the seconds stay in order."""
+        newest = next(reversed(self.seconds), second)
+        self.add(max(second, newest), amount)
+
 
 class LocalCounters:
     def __init__(self, share: float) -> None:
@@ -110,7 +116,7 @@ class LocalCounters:
             if check.kind == "window":
                 window = self._windows.setdefault(check.key, _Window())
                 window.forget(now, check.span_ms)
-                window.add(int(now // 1000), take)
+                window.admit(int(now // 1000), take)
             elif check.kind == "concurrent":
                 self._places.setdefault(check.key, {})[ticket] = now + check.span_ms
             elif shared_used is not None:

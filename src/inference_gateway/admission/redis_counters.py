@@ -8,6 +8,7 @@ still count the same 60 seconds.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import redis.asyncio as redis
@@ -16,7 +17,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from inference_gateway.admission.checks import Check
-from inference_gateway.admission.resp import Resp
+from inference_gateway.admission.resp import Orphan, Resp
 
 CODE = {"window": "w", "concurrent": "c", "quota": "q"}
 KEEP_QUOTA_MS = 2 * 86_400_000  # a period's counter outlives it, for the reconciler
@@ -44,9 +45,12 @@ for word in string.gmatch(ARGV[4], '%S+') do spec[#spec + 1] = tonumber(word) or
 local n = #spec / 5
 local function window(h, first)
   local held = redis.call('HMGET', h, 't', 'o', 'n', second)
-  local total = tonumber(held[1] or '0')
-  if total > 0 and tonumber(held[3]) >= first then
-    local oldest, newest = tonumber(held[2]), tonumber(held[3])
+  local total, newest = tonumber(held[1] or '0'), tonumber(held[3] or '-1')
+  if total > 0 and newest >= first then
+    local oldest, at, here = tonumber(held[2]), second, tonumber(held[4] or '0')
+    if newest > second then  -- Redis's clock went back (a failover): count in the newest
+      at, here = newest, tonumber(redis.call('HGET', h, newest) or '0')
+    end
     if oldest < first then
       for s = oldest, first - 1 do
         local v = redis.call('HGET', h, s)
@@ -57,11 +61,16 @@ local function window(h, first)
       end
       oldest = first
       while oldest < newest and redis.call('HEXISTS', h, oldest) == 0 do oldest = oldest + 1 end
+      if total <= 0 then
+        redis.call('DEL', h)
+        return 0, second, -1, 0, second
+      end
+      redis.call('HSET', h, 't', total, 'o', oldest)  -- kept, should a later check refuse
     end
-    return total, oldest, newest, tonumber(held[4] or '0')
+    return total, oldest, newest, here, at
   end
   if held[1] then redis.call('DEL', h) end  -- all it held has left, or was given back
-  return 0, second, -1, 0
+  return 0, second, -1, 0, second
 end
 local state, taken = {}, {}
 local out = {1, -1, now, 0}
@@ -70,22 +79,23 @@ for i = 0, n - 1 do
   local key = KEYS[i + 1]
   local used, reset
   if kind == 'w' then
-    local total, oldest, newest, here = window(key, math.floor((now - span) / 1000))
+    local total, oldest, newest, here, at = window(key, math.floor((now - span) / 1000))
     if total + floor > limit then
       local seconds = {}
-      for s = oldest, second do seconds[#seconds + 1] = s end
-      local counts = redis.call('HMGET', key, unpack(seconds))
+      for s = oldest, at do seconds[#seconds + 1] = s end
       local need, freed, free_at = total + floor - limit, 0, now + span
-      for j, c in ipairs(counts) do
-        freed = freed + tonumber(c or '0')
-        if freed >= need then
-          free_at = (seconds[j] + 1) * 1000 + span
-          break
+      if #seconds > 0 then
+        for j, c in ipairs(redis.call('HMGET', key, unpack(seconds))) do
+          freed = freed + tonumber(c or '0')
+          if freed >= need then
+            free_at = (seconds[j] + 1) * 1000 + span
+            break
+          end
         end
       end
-      return table.concat({0, i, free_at - now, total}, ' ')
+      return table.concat({0, i, math.max(free_at - now, 1), total}, ' ')
     end
-    state[i] = {total, oldest, newest, here}
+    state[i] = {total, oldest, newest, here, at}
     used, reset = total, (oldest + 1) * 1000 + span - now
   elseif kind == 'c' then
     used = redis.call('ZCOUNT', key, '(' .. now, '+inf')
@@ -109,10 +119,9 @@ end
 for i = 0, n - 1 do
   local kind, span, key, take = spec[i * 5 + 1], spec[i * 5 + 5], KEYS[i + 1], taken[i]
   if kind == 'w' then
-    local total, oldest, newest, here = unpack(state[i])
-    redis.call('HSET', key, second, here + take, 't', total + take, 'o', oldest,
-      'n', math.max(newest, second))
-    if newest < second then redis.call('PEXPIRE', key, span + 2000) end
+    local total, oldest, newest, here, at = unpack(state[i])
+    redis.call('HSET', key, at, here + take, 't', total + take, 'o', oldest, 'n', at)
+    if newest < at then redis.call('PEXPIRE', key, span + 2000) end
   elseif kind == 'c' then
     redis.call('ZADD', key, now + span, ticket)
     redis.call('PEXPIRE', key, span + 60000)
@@ -124,9 +133,8 @@ end
 return table.concat(out, ' ')
 """
 
-# A window's reservation is corrected in the second it was made in, if that second still
-# counts (ARGV[2], 0 when the admission's answer never came: then the second of now, or the
-# one before, whichever holds the reservation).
+# A window's reservation is corrected in the second it was made in (ARGV[2]), if that second
+# still counts.
 _SETTLE = """
 local ticket, at = ARGV[1], tonumber(ARGV[2])
 local spec = {}
@@ -136,17 +144,10 @@ for i = 0, #spec / 3 - 1 do
   local key = KEYS[i + 1]
   if kind == 'w' then
     if actual ~= reserved then
-      local second = math.floor(at / 1000)
-      if at == 0 then
-        second = tonumber(redis.call('TIME')[1])
-        if tonumber(redis.call('HGET', key, second) or '0') < reserved then
-          second = second - 1
-        end
-      end
-      local held = redis.call('HMGET', key, second, 't')
+      local held = redis.call('HMGET', key, math.floor(at / 1000), 't')
       if held[1] then
         local change = math.max(actual - reserved, -tonumber(held[1]))
-        redis.call('HSET', key, second, tonumber(held[1]) + change,
+        redis.call('HSET', key, math.floor(at / 1000), tonumber(held[1]) + change,
           't', tonumber(held[2]) + change)
       end
     end
@@ -179,6 +180,13 @@ class Decision(NamedTuple):
     at_ms: int = 0  # when it was admitted (Redis's clock): its windows' second
 
 
+def _decision(answer: bytes | str) -> Decision:
+    out = [int(v) for v in answer.split()]
+    if not out[0]:
+        return Decision(False, out[1], out[2], [out[3]], [], [])
+    return Decision(True, -1, 0, out[4::3], out[5::3], out[6::3], out[2])
+
+
 def _settle_args(checks: list[Check], ticket: str, at_ms: int, taken: list[int],
                  actual: list[int]) -> tuple[list[str], list[str | int]]:
     spec = " ".join(f"{CODE[check.kind]} {reserved} {spent}"
@@ -202,22 +210,25 @@ class RedisCounters:
             where.get("host", "localhost"), where.get("port", 6379), where.get("db", 0),
             where.get("username"), where.get("password"), timeout)
 
-    async def _run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[str | int],
+                   orphan: Orphan | None = None) -> Any:
         if self._lean is None:
             return await script(keys=keys, args=args)
         source = script.script
         assert isinstance(source, (bytes, str))  # what register_script was given
-        return await self._lean.script(script.sha, source, keys, args)
+        return await self._lean.script(script.sha, source, keys, args, orphan)
 
-    async def admit(self, checks: list[Check], ticket: str, now_ms: int = 0) -> Decision:
+    async def admit(self, checks: list[Check], ticket: str, now_ms: int = 0,
+                    orphan: Callable[[Decision], None] | None = None) -> Decision:
+        """Admit a request, or not. ``orphan``: should the caller be cancelled after the
+        script was sent, its decision goes there (on the lean connection), so that what it
+        reserved can be given back exactly."""
         spec = " ".join(f"{CODE[c.kind]} {c.limit} {c.cost} {c.floor} {c.span_ms}"
                         for c in checks)
-        answer = await self._run(self._admit, [check.key for check in checks],
-                                 [now_ms, ticket, KEEP_QUOTA_MS, spec])
-        out = [int(v) for v in answer.split()]
-        if not out[0]:
-            return Decision(False, out[1], out[2], [out[3]], [], [])
-        return Decision(True, -1, 0, out[4::3], out[5::3], out[6::3], out[2])
+        answer = await self._run(
+            self._admit, [check.key for check in checks], [now_ms, ticket, KEEP_QUOTA_MS, spec],
+            None if orphan is None else lambda late: orphan(_decision(late)))
+        return _decision(answer)
 
     async def settle(self, checks: list[Check], ticket: str, at_ms: int, taken: list[int],
                      actual: list[int]) -> None:

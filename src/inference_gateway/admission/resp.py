@@ -9,11 +9,20 @@ written as they come, and answers, which Redis sends in the same order, are matc
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
+
+Orphan = Callable[[Any], None]
+
+
+def _adopt(orphan: Orphan, future: asyncio.Future[Any]) -> None:
+    """Hand the answer of a command whose caller left to ``orphan`` (an error: nothing ran)."""
+    if not future.cancelled() and future.exception() is None:
+        orphan(future.result())
 
 
 class _Incomplete(Exception):
@@ -159,17 +168,19 @@ class Resp:
         self._conn: _Connection | None = None
         self._opening = asyncio.Lock()
 
-    async def call(self, *args: bytes | str | int) -> Any:
+    async def call(self, *args: bytes | str | int, orphan: Orphan | None = None) -> Any:
+        """Send a command and wait for its answer. ``orphan``: should the caller be cancelled
+        once the command is written, its answer goes there when it comes."""
         conn = self._conn or await self._open()
-        return await self._send(conn, encode(*args))
+        return await self._send(conn, encode(*args), orphan)
 
     async def script(self, sha: str, source: bytes | str, keys: list[str],
-                     args: list[str | int]) -> Any:
+                     args: list[str | int], orphan: Orphan | None = None) -> Any:
         try:
-            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+            return await self.call("EVALSHA", sha, len(keys), *keys, *args, orphan=orphan)
         except NoScriptError:  # a Redis that restarted, or was flushed: load it again
             await self.call("SCRIPT", "LOAD", source)
-            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+            return await self.call("EVALSHA", sha, len(keys), *keys, *args, orphan=orphan)
 
     def send(self, *args: bytes | str | int) -> asyncio.Future[Any] | None:
         """Write a command now, on the open connection, and return its answer to come; None
@@ -185,10 +196,16 @@ class Resp:
         if self._conn is not None:
             self._conn.close(ConnectionError("the client was closed"))
 
-    async def _send(self, conn: _Connection, command: bytes) -> Any:
+    async def _send(self, conn: _Connection, command: bytes, orphan: Orphan | None = None) -> Any:
         future = asyncio.get_running_loop().create_future()
-        conn.write(command, future)
-        return await future  # the connection's timer fails it, should Redis not answer
+        conn.write(command, future)  # the connection's timer fails it, should Redis not answer
+        if orphan is None:
+            return await future
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(functools.partial(_adopt, orphan))
+            raise
 
     async def _open(self) -> _Connection:
         async with self._opening:
