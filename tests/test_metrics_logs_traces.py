@@ -18,7 +18,7 @@ import pytest
 import requests
 from aiohttp import web
 
-from inference_gateway.proxy.trace_context import parse, start
+from inference_gateway.proxy.trace_context import parse, start, upstream_headers
 
 from harness import Proc, free_port, start_gateway
 
@@ -77,17 +77,25 @@ class Receiver:
         self._thread.join(5)
 
 
-@pytest.fixture
-def traced(tmp_path: Path, database_url: str, simulator: Proc) -> Iterator[tuple[Proc, Receiver]]:
+def _traced(tmp_path: Path, database_url: str, upstream: str | None,
+            **env: str) -> Iterator[tuple[Proc, Receiver]]:
+    """A gateway sending its traces to a receiver (and its requests there too: no upstream)."""
     receiver = Receiver()
-    gateway = start_gateway(tmp_path, database_url, simulator.url, ACCESS_LOG="json",
+    gateway = start_gateway(tmp_path, database_url,
+                            upstream or f"http://127.0.0.1:{receiver.port}",
                             OTEL_TRACES_EXPORTER="otlp",
-                            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}")
+                            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}",
+                            **env)
     try:
         yield gateway, receiver
     finally:
         gateway.stop()
         receiver.close()
+
+
+@pytest.fixture
+def traced(tmp_path: Path, database_url: str, simulator: Proc) -> Iterator[tuple[Proc, Receiver]]:
+    yield from _traced(tmp_path, database_url, simulator.url, ACCESS_LOG="json")
 
 
 def test_each_request_is_a_log_line_and_a_trace(traced: tuple[Proc, Receiver]) -> None:
@@ -151,25 +159,21 @@ def test_traceparent_is_read_and_checked() -> None:
                 f"00-{trace.upper()}-{parent}-01", f"00-{trace[:-1]}-{parent}-01",
                 f"00-{trace}-{parent}-0x"):
         assert parse(bad) is None, bad
-    mine = start({"traceparent": f"00-{trace}-{parent}-01"})
+    mine = start({"traceparent": f"00-{trace}-{parent}-01"}, lambda _: False)
     assert (mine.trace_id, mine.parent_id, mine.sampled) == (trace, parent, True)
     assert mine.traceparent() == f"00-{trace}-{mine.client_id}-01"
     assert len({mine.server_id, mine.client_id, parent}) == 3
-    fresh = start({"traceparent": "junk"})
-    assert fresh.parent_id is None and fresh.sampled and len(fresh.trace_id) == 32
+    fresh = start({"traceparent": "junk"}, lambda trace_id: trace_id < "8")  # the sampler's
+    assert fresh.parent_id is None and len(fresh.trace_id) == 32
+    assert fresh.sampled == (fresh.trace_id < "8")
+    assert upstream_headers([], mine, {"tracestate": "a=1"})[-1] == ("tracestate", "a=1")
+    assert upstream_headers([], fresh, {"tracestate": "a=1"}) == [
+        ("traceparent", fresh.traceparent())]  # a new trace starts without the client's state
 
 
 @pytest.fixture
 def traced_to_own_server(tmp_path: Path, database_url: str) -> Iterator[tuple[Proc, Receiver]]:
-    receiver = Receiver()  # the collector and the model server at once
-    gateway = start_gateway(tmp_path, database_url, f"http://127.0.0.1:{receiver.port}",
-                            OTEL_TRACES_EXPORTER="otlp",
-                            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}")
-    try:
-        yield gateway, receiver
-    finally:
-        gateway.stop()
-        receiver.close()
+    yield from _traced(tmp_path, database_url, None)  # the collector is the model server too
 
 
 def test_the_trace_goes_on_to_the_model_server(
@@ -182,7 +186,7 @@ def test_the_trace_goes_on_to_the_model_server(
     chat = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
     trace, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     sent = [{**headers, "traceparent": f"00-{trace}-{parent}-01", "tracestate": "vendor=1"},
-            headers, {**headers, "traceparent": "00-not-a-trace-01"}]
+            headers, {**headers, "traceparent": "00-not-a-trace-01", "tracestate": "vendor=2"}]
     ids = []
     for extra in sent:
         resp = requests.post(f"{gateway.url}/v1/chat/completions", json=chat, headers=extra,

@@ -72,7 +72,7 @@ class Gateway:
             self.relay, self.stored, Caps(settings.max_n, settings.max_tokens),
             settings.max_request_body_bytes, settings.prefix_affinity_chars,
             admission=self.admission, observers=self.observability.observers,
-            traced=settings.otel_traces_exporter == "otlp")
+            traced=self.observability.trace_sampler)
         self.ready = False
         self.started = int(time.time())
         self._models_body = orjson.dumps(

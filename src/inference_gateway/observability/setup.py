@@ -13,6 +13,7 @@ from inference_gateway.observability.access_log import AccessLog
 from inference_gateway.observability.metrics import Metrics
 from inference_gateway.observability.offload import Offload
 from inference_gateway.proxy.handler import Observer
+from inference_gateway.proxy.trace_context import Sampler
 from inference_gateway.routing.router import Router
 from inference_gateway.routing.upkeep import Upkeep
 from inference_gateway.settings import ConfigError, Settings
@@ -26,6 +27,7 @@ class Observability:
             if settings.metrics_enabled else None
         self.observers: list[Observer] = []
         self.threads: list[Offload] = []
+        self.trace_sampler: Sampler | None = None  # with traces on: the trace goes on to vLLM
         if self.metrics is not None:
             self.observers.append(self.metrics.requests)
         if settings.access_log == "json":
@@ -41,6 +43,7 @@ class Observability:
             tracing = Tracing(settings.otel_exporter_otlp_endpoint, settings.otel_service_name)
             self.observers.append(tracing)
             self.threads.append(tracing)
+            self.trace_sampler = tracing.sampled
 
     async def start(self) -> None:
         if self.metrics is not None:

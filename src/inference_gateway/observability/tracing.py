@@ -18,6 +18,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -85,6 +86,12 @@ class Tracing(Offload):
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
         self.tracer = self.provider.get_tracer("inference_gateway")
 
+    def sampled(self, trace_id: str) -> bool:
+        """Whether the sampler (``OTEL_TRACES_SAMPLER``) records a trace the gateway starts:
+        vLLM is told the same in the ``traceparent`` it is sent."""
+        result = self.provider.sampler.should_sample(None, int(trace_id, 16), "request")
+        return result.decision is Decision.RECORD_AND_SAMPLE
+
     def close(self) -> None:
         super().close()
         self.provider.shutdown()  # sends what is left
@@ -121,6 +128,14 @@ class Tracing(Offload):
 
     def _request(self, record: UsageRecord, sent: float | None, done: float | None,
                  offset: float, ids: TraceIds | None) -> None:
+        self.ids.give(ids)
+        try:
+            self._spans(record, sent, done, offset, ids)
+        finally:
+            self.ids.give(None)  # what was not used must not name the next request's spans
+
+    def _spans(self, record: UsageRecord, sent: float | None, done: float | None,
+               offset: float, ids: TraceIds | None) -> None:
         route = route_of(record.endpoint)
         op = operation(route)
         common: dict[str, Any] = {
@@ -132,7 +147,6 @@ class Tracing(Offload):
         }
         if record.status >= 400:
             common["error.type"] = str(record.status)
-        self.ids.give(ids)
         span = self.tracer.start_span(
             f"POST {route}", context=_parent(ids), kind=SpanKind.SERVER,
             start_time=_ns(record.started_at),
@@ -153,7 +167,6 @@ class Tracing(Offload):
             if record.status >= 500:
                 upstream.set_status(Status(StatusCode.ERROR))
             upstream.end(end_time=_ns(end + offset))
-        self.ids.give(None)
         if record.status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=_ns(record.completed_at))

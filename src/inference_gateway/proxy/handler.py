@@ -120,7 +120,7 @@ class ProxyHandler:
                  meter: Meter, relay: Relay, stored: StoredResponses, caps: Caps,
                  max_body_bytes: int, affinity_chars: int = 0,
                  observers: Sequence[Observer] = (), admission: Admission | None = None,
-                 traced: bool = False) -> None:
+                 traced: trace_context.Sampler | None = None) -> None:
         self.endpoints = endpoints
         self.router = router
         self.tenants = tenants
@@ -132,7 +132,7 @@ class ProxyHandler:
         self.affinity_chars = affinity_chars
         self.observers = tuple(observers)
         self.admission = admission
-        self.traced = traced  # hand the trace on to the model server (W3C traceparent)
+        self.traced = traced  # with traces on: hand the trace on to the model server
         self._estimates: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -219,7 +219,8 @@ class ProxyHandler:
             ticket = await self.admission.admit(tenant, served, payload.fields, len(body),
                                                 endpoint.generates)
         streamed = payload is not None and payload.stream
-        trace = trace_context.start(request.headers) if self.traced else None
+        trace = None if self.traced is None else trace_context.start(request.headers,
+                                                                     self.traced)
         exchange = Exchange(
             method=request.method, targets=targets, path=f"{path}?{query}" if query else path,
             body=body, shape=endpoint.shape, bills=endpoint.bills, dialect=endpoint.dialect,

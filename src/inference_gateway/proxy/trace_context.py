@@ -11,7 +11,7 @@ ids (see ``observability.tracing``).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 _HEX = frozenset("0123456789abcdef")
@@ -51,22 +51,28 @@ def parse(value: str | None) -> tuple[str, str, bool] | None:
     return trace_id, parent_id, bool(int(flags, 16) & 1)
 
 
-def start(headers: Mapping[str, str]) -> TraceIds:
-    """The ids of one request's spans, in the client's trace if it named one."""
+Sampler = Callable[[str], bool]  # whether a trace the gateway starts is recorded, by its id
+
+
+def start(headers: Mapping[str, str], sampled: Sampler) -> TraceIds:
+    """The ids of one request's spans, in the client's trace if it named one (and sampled as
+    the client says); otherwise in a new trace, sampled as the tracer's sampler decides."""
     found = parse(headers.get("traceparent"))
     ids = os.urandom(16).hex()
     if found is None:
-        return TraceIds(os.urandom(16).hex(), None, ids[:16], ids[16:], True)
-    trace_id, parent_id, sampled = found
-    return TraceIds(trace_id, parent_id, ids[:16], ids[16:], sampled)
+        trace_id = os.urandom(16).hex()
+        return TraceIds(trace_id, None, ids[:16], ids[16:], sampled(trace_id))
+    trace_id, parent_id, client_sampled = found
+    return TraceIds(trace_id, parent_id, ids[:16], ids[16:], client_sampled)
 
 
 def upstream_headers(base: list[tuple[str, str]], ids: TraceIds,
                      headers: Mapping[str, str]) -> list[tuple[str, str]]:
     """The upstream request's headers: ``base``, the ``traceparent`` of the gateway's upstream
-    span, and the client's ``tracestate``, passed on unchanged."""
+    span, and, in the client's trace, the client's ``tracestate`` unchanged (a new trace
+    starts without one)."""
     out = [*base, ("traceparent", ids.traceparent())]
-    state = headers.get("tracestate")
+    state = headers.get("tracestate") if ids.parent_id is not None else None
     if state:
         out.append(("tracestate", state))
     return out
