@@ -156,13 +156,25 @@ def _costs(results: dict[str, Any]) -> list[str]:
                          f"{v['p50_ms']:.3f}", f"{v['p50_added_ms']:+.3f}",
                          f"{v.get('cpu_us_base', 0):.0f} → {v.get('cpu_us', 0):.0f}",
                          " ".join(f"{r:.2f}" for r in v["rounds_rps_ratio"])])
+    turns = costs.get("alternating") or {}
+    alternating = []
+    if turns:
+        rows2 = [[v["label"], f"{turns['base_p50_ms']:.3f}", f"{v['p50_ms']:.3f}",
+                  f"{v['p50_added_ms']:+.3f}", f"{v['mean_added_ms']:+.3f}"]
+                 for v in turns.values() if isinstance(v, dict)]
+        alternating = [
+            "", f"One request at a time to each gateway in turn, {turns['requests']:,} each "
+            "(Python's http.client on kept-alive connections; its own time is in every "
+            "latency alike):", "",
+            *_table(["gateway", "base p50 (ms)", "p50 (ms)", "p50 added (ms)",
+                     "mean added (ms)"], rows2)]
     return [f"Three one-worker gateways side by side, {costs['rounds']} rounds of "
             f"{costs['round_seconds']:.0f} s per gateway in an order that changes with each round; "
             f"medians over the rounds, each against the base ({costs['base']}) measured in "
             "the same round.", "",
             *_table(["gateway", "c", "base req/s", "req/s", "ratio", "base p50 (ms)",
                      "p50 (ms)", "p50 added (ms)", "CPU µs per request", "ratio per round"],
-                    rows, left=(0, 9))]
+                    rows, left=(0, 9)), *alternating]
 
 
 def render(results: dict[str, Any]) -> str:
