@@ -604,7 +604,15 @@ def test_stored_responses_like_vllm(vllm: VllmServer, simulator_like_vllm: Proc)
 
 def long_prompt() -> str:
     """A prompt over two of vLLM's 128-token blocks and never sent before."""
-    return f"{uuid.uuid4().hex} " + "hello world " * 40
+    return fresh_words() + "hello world " * 40
+
+
+def fresh_words() -> str:
+    """Words no prompt began with before. Several: the simulator's toy tokenizer gives a word
+    one of 455 ids by the sum of its bytes, so two random hex words share an id one time in a
+    few hundred, and a prompt that began with one word could be taken for an earlier one."""
+    hexed = uuid.uuid4().hex
+    return " ".join(hexed[i:i + 8] for i in range(0, 32, 8)) + " "
 
 
 def cached_of(path: str, answer: dict[str, Any]) -> int:
@@ -793,7 +801,7 @@ def test_counters_move_like_vllms(name: str, vllm: VllmServer, vllm_pooling: Vll
                                   simulator_like_vllm: Proc) -> None:
     """On both servers the counters move by what the request used, by vLLM's rules: a 36-token
     prompt with ``n`` = 3 moves ``vllm:prompt_tokens_total`` by 108 where usage says 36."""
-    case = Case(name, *COUNTING[name](f"{uuid.uuid4().hex} "))
+    case = Case(name, *COUNTING[name](fresh_words()))
     real_server = vllm_pooling if case.path == EMBED else vllm
     for base_url in (real_server.url, simulator_like_vllm.url):
         before = idle(base_url)
