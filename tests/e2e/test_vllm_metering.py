@@ -86,8 +86,13 @@ def assert_same_stream(through: bytes, direct: bytes, n: int) -> None:
                 assert mine[index] == expected, f"the events of choice {index}"
     else:
         assert coalesce(got) == coalesce(want)
-        assert {shape(json.loads(e)) for e in got[:-1]} == \
-            {shape(json.loads(e)) for e in want[:-1]}
+        mine = {shape(json.loads(e)): e for e in got[:-1]}
+        theirs = {shape(json.loads(e)): e for e in want[:-1]}
+        assert set(mine) == set(theirs), (
+            "events of kinds only one stream has: through the gateway "
+            f"{[mine[k] for k in set(mine) - set(theirs)]}, directly "
+            f"{[theirs[k] for k in set(theirs) - set(mine)]}; text pieces "
+            f"{text_pieces(got)} against {text_pieces(want)}")
 
 
 # -- non-streamed --------------------------------------------------------------------------------
