@@ -12,11 +12,14 @@ import asyncpg
 import pytest
 
 from inference_gateway.admission.checks import WINDOW_MS, Check, checks_for
-from inference_gateway.admission.gate import _headers, duration, estimate
-from inference_gateway.admission.limits import Limit, set_limit
+from inference_gateway.admission.gate import Admission, _headers, duration, estimate
+from inference_gateway.admission.limits import Limit, LimitBook, set_limit
 from inference_gateway.admission.local_counters import LocalCounters
 from inference_gateway.admission.quotas import reconcile
 from inference_gateway.admission.redis_counters import Decision, RedisCounters
+from inference_gateway.metering.record import UsageRecord
+from inference_gateway.settings import Settings
+from inference_gateway.tenants.tenant import Tenant
 
 T0 = datetime(2026, 12, 31, 23, 59, 0, tzinfo=UTC)
 MS0 = int(T0.timestamp() * 1000)
@@ -291,3 +294,32 @@ async def test_a_refusal_by_another_check_keeps_the_window_right(counters: Both)
     await counters.settle(checks, "long", [1, 1])
     after = await counters.admit(checks, "y", MS0 + 62_000)
     assert after.admitted and after.used == [6, 1]
+
+
+async def test_a_settlement_that_redis_lost_the_script_of_is_made_again(redis_url: str) -> None:
+    """A settlement written at once finds a Redis without its script (restarted, flushed):
+    the gate makes it again when the answer says so, and its close waits for that."""
+    owner = limit(tokens_per_minute=1000)
+    book = LimitBook()
+    book._by_org = {owner.organization_id: (owner,)}
+    gate = Admission(Settings(redis_url=redis_url), book)
+    tenant = Tenant(owner.organization_id, "inst")
+    assert gate.redis is not None
+    real_sha = gate.redis._settle.sha
+    try:
+        first = await gate.admit(tenant, "m", {"max_tokens": 90}, 40, True)  # 11 + 90
+        assert first is not None and first.taken == [101]
+        gate.redis._settle.sha = "0" * 40  # a script this Redis never had
+        record = UsageRecord("r", owner.organization_id, "inst", "m", "m", "/v1/completions",
+                             11, 4, 200, False, False, 1, 1, 0.0, 0.0)
+        assert gate.settle(first, record) is None  # written at once, its answer to come
+        for _ in range(200):  # NOSCRIPT, then the settlement made again with the real script
+            gate.redis._settle.sha = real_sha
+            if not gate._sent and not gate._settling:
+                break
+            await asyncio.sleep(0.01)
+        second = await gate.admit(tenant, "m", {"max_tokens": 90}, 40, True)
+        assert second is not None
+        assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 15 - 101)
+    finally:
+        await gate.close()

@@ -126,6 +126,7 @@ class Admission:
         self.cap = settings.rate_limit_reserved_tokens
         self._redis_back_at = 0.0
         self._settling: set[asyncio.Task[None]] = set()
+        self._sent: set[asyncio.Future[Any]] = set()  # settlements written, answers to come
         # Tickets name places held at once in Redis: unique across processes and gateways.
         self._tickets_prefix = os.urandom(8).hex() + "-"
         self._tickets = itertools.count()
@@ -203,8 +204,9 @@ class Admission:
             return None
         sent = self.redis.send_settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken,
                                       actual)
-        if sent is not None:
-            self._in_background(self._settled(sent, ticket, actual))
+        if sent is not None:  # its answer is looked at when it comes: no task per request
+            self._sent.add(sent)
+            sent.add_done_callback(functools.partial(self._settled, ticket, actual))
             return None
         return self._in_background(self._settle(ticket, actual))
 
@@ -249,17 +251,20 @@ class Admission:
             # for concurrency until its time-out.
             log.warning("rate limits: could not settle a reservation (%s)", exc)
 
-    async def _settled(self, sent: asyncio.Future[Any], ticket: Ticket,
-                       actual: list[int]) -> None:
-        assert self.redis is not None
-        try:
-            await self.redis.settled(sent, ticket.checks, ticket.id, ticket.at_ms, ticket.taken,
-                                     actual)
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+    def _settled(self, ticket: Ticket, actual: list[int], sent: asyncio.Future[Any]) -> None:
+        """The answer to a settlement written at once (see ``settle``); a Redis that lost the
+        script gets it again. (The connection fails it, should Redis not answer in time.)"""
+        self._sent.discard(sent)
+        if sent.cancelled() or (exc := sent.exception()) is None:
+            return
+        if isinstance(exc, redis.exceptions.NoScriptError):
+            self._in_background(self._settle(ticket, actual))
+        else:
             log.warning("rate limits: could not settle a reservation (%s)", exc)
 
     async def close(self) -> None:
-        if self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+        while self._settling or self._sent:  # an answer may still start a task
+            await asyncio.gather(*self._settling, *self._sent, return_exceptions=True)
+            await asyncio.sleep(0)  # the answers' callbacks run
         if self.redis is not None:
             await self.redis.close()

@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 import redis.asyncio as redis
 from redis.asyncio.connection import parse_url
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from inference_gateway.admission.checks import Check
 from inference_gateway.admission.resp import Orphan, Resp
@@ -232,7 +231,8 @@ class RedisCounters:
 
     async def settle(self, checks: list[Check], ticket: str, at_ms: int, taken: list[int],
                      actual: list[int]) -> None:
-        """Replace what ``ticket`` reserved at ``at_ms`` (0: not known) with what it used."""
+        """Replace what ``ticket`` reserved at ``at_ms`` with what it used (``at_ms`` 0: its
+        second is not known, and its windows are left as they are)."""
         keys, args = _settle_args(checks, ticket, at_ms, taken, actual)
         await self._run(self._settle, keys, args)
 
@@ -244,15 +244,6 @@ class RedisCounters:
             return None
         keys, args = _settle_args(checks, ticket, at_ms, taken, actual)
         return self._lean.send("EVALSHA", self._settle.sha, len(keys), *keys, *args)
-
-    async def settled(self, sent: asyncio.Future[Any], checks: list[Check], ticket: str,
-                      at_ms: int, taken: list[int], actual: list[int]) -> None:
-        """Wait for what ``send_settle`` wrote; a Redis that lost the script gets it again."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                await sent
-        except NoScriptError:
-            await self.settle(checks, ticket, at_ms, taken, actual)
 
     async def raise_to(self, key: str, value: int, keep_ms: int) -> int:
         """A quota counter brought up to what Postgres knows was used (never down)."""
