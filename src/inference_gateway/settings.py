@@ -184,6 +184,7 @@ class Settings(BaseSettings):
     rate_limit_fallback: Literal["local", "open", "closed"] = "local"  # while Redis is away
     gateway_instances: int = Field(default=1, ge=1)  # how many gateways share the limits
     rate_limit_reserved_tokens: int = Field(default=4096, ge=1)  # most a request reserves
+    rate_limit_leases: bool = True  # each process holds spare room while a limit has plenty
     limits_refresh_interval_sec: float = Field(default=30.0, gt=0)
 
     # Metrics, the access log and traces (see docs/metrics.md).

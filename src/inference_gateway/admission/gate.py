@@ -3,7 +3,9 @@
 Admission is one atomic step across all of a request's counters (Redis, shared by every worker
 and every gateway); so is settling, which replaces the reservation with the tokens vLLM
 reported. A caller without limits costs nothing: no counter is touched. A stream is admitted
-once, at its start, and never cut by a limit.
+once, at its start, and never cut by a limit. While a limit has plenty of room, Redis also
+gives each process some spare room, and most requests are admitted and settled against it
+without a round trip (``leases``, ``RATE_LIMIT_LEASES``).
 
 When Redis cannot be reached, ``RATE_LIMIT_FALLBACK`` decides: ``local`` (the default) keeps
 serving with counters in each process holding its share of every limit, ``open`` admits
@@ -25,9 +27,10 @@ from typing import Any, NamedTuple
 import redis.exceptions
 
 from inference_gateway.admission.checks import Check, checks_for
+from inference_gateway.admission.leases import Give, Hold, Leases, Places
 from inference_gateway.admission.limits import LimitBook
 from inference_gateway.admission.local_counters import LocalCounters
-from inference_gateway.admission.redis_counters import Decision, RedisCounters
+from inference_gateway.admission.redis_counters import Decision, RedisCounters, Want
 from inference_gateway.errors import GatewayError
 from inference_gateway.metering.record import UsageRecord
 from inference_gateway.settings import Settings
@@ -48,6 +51,7 @@ class Ticket(NamedTuple):
     at_ms: int  # when it was admitted: the second its windows hold it in
     local: bool  # reserved in this process's counters (Redis was away)
     headers: dict[str, str]
+    holds: list[Hold | Places | None] | None = None  # per check, the held room it came from
 
 
 def duration(ms: float) -> str:
@@ -130,6 +134,10 @@ class Admission:
         # Tickets name places held at once in Redis: unique across processes and gateways.
         self._tickets_prefix = os.urandom(8).hex() + "-"
         self._tickets = itertools.count()
+        self.leases = (Leases(self._tickets_prefix, processes)
+                       if self.redis is not None and settings.rate_limit_leases else None)
+        self._giving: asyncio.TimerHandle | None = None  # when held room is given back next
+        self._giving_at = 0.0
         self.refused = 0  # requests refused by a limit, for the metrics
 
     async def admit(self, tenant: Tenant, model: str, fields: dict[str, object],
@@ -142,8 +150,20 @@ class Admission:
         if not checks:
             return None
         ticket = f"{self._tickets_prefix}{next(self._tickets)}"
+        if self.leases is not None and not self._redis_back_at:  # from room held, if it can
+            held = self.leases.take(checks, time.monotonic())
+            if held is not None:
+                here, found = held
+                self.local.remember(checks, ticket, here.taken, here.used, here.at_ms)
+                return Ticket(ticket, checks, here.taken, here.at_ms, False,
+                              _headers(checks, here), list[Hold | Places | None](found))
         try:
-            decision, local = await self._decide(checks, ticket)
+            decision, local, holds = await self._decide(checks, ticket)
+            if decision is not None and not decision.admitted and self.leases is not None \
+                    and self.leases.holding(checks, time.monotonic()):
+                # Room this process holds may be what is missing: given back, and asked again.
+                self._give(self.leases.release(checks, time.monotonic()))
+                decision, local, holds = await self._decide(checks, ticket)
         except asyncio.CancelledError:  # the client left; Redis may have admitted it all the same
             if self.redis is not None:  # its places at least (the answer gives back the rest)
                 self._in_background(self._release(checks, ticket))
@@ -154,30 +174,43 @@ class Admission:
             self.refused += 1
             raise _refusal(checks[decision.failing], decision)
         return Ticket(ticket, checks, decision.taken, decision.at_ms, local,
-                      _headers(checks, decision))
+                      _headers(checks, decision), holds)
 
-    async def _decide(self, checks: list[Check], ticket: str) -> tuple[Decision | None, bool]:
+    async def _decide(self, checks: list[Check], ticket: str
+                      ) -> tuple[Decision | None, bool, list[Hold | Places | None] | None]:
         if self.redis is not None and time.monotonic() >= self._redis_back_at:
+            leases, asked_at = self.leases, time.monotonic()
+            wants = leases.wants(checks, asked_at) if leases is not None else None
             try:
                 decision = await self.redis.admit(
-                    checks, ticket, orphan=functools.partial(self._orphaned, checks, ticket))
+                    checks, ticket, wants=wants, share=leases.share if leases else 0,
+                    orphan=functools.partial(self._orphaned, checks, ticket, wants, asked_at))
             except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+                if leases is not None and wants is not None:
+                    leases.failed(checks, wants)
                 self._redis_lost(exc)
             else:
                 if self._redis_back_at:
                     log.warning("rate limits: Redis answers again; limits are shared again")
                     self._redis_back_at = 0.0
+                holds = None
                 if decision.admitted:
                     self.local.remember(checks, ticket, decision.taken, decision.used,
                                         decision.at_ms)
-                return decision, False
+                    if leases is not None and wants is not None:
+                        holds = leases.granted(checks, wants, decision, asked_at,
+                                               time.monotonic())
+                        self._give_when_due()
+                elif leases is not None and wants is not None:
+                    leases.refused(checks, wants)
+                return decision, False, holds
         if self.redis is not None and self.fallback == "open":
-            return None, False
+            return None, False, None
         if self.redis is not None and self.fallback == "closed":
             raise GatewayError(503, "rate limits cannot be checked right now; retry later",
                                code="rate_limiter_unavailable",
                                headers={"Retry-After": str(int(RETRY_REDIS_SEC))})
-        return self.local.admit(checks, ticket), True
+        return self.local.admit(checks, ticket), True, None
 
     def _redis_lost(self, exc: BaseException) -> None:
         if not self._redis_back_at:
@@ -200,8 +233,23 @@ class Admission:
             for check in ticket.checks
         ]
         self.local.settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken, actual)
+        return self._settle_in_redis(ticket, actual)
+
+    def _settle_in_redis(self, ticket: Ticket, actual: list[int]) -> asyncio.Task[None] | None:
         if ticket.local or self.redis is None:
             return None
+        if ticket.holds is not None and self.leases is not None:
+            # What came from held room is settled against it; the rest in Redis, at once.
+            if self.leases.settle(ticket.holds, ticket.checks, ticket.taken, actual,
+                                  time.monotonic()):
+                self._give_soon()
+            rest = [i for i, held in enumerate(ticket.holds) if held is None]
+            if not rest:
+                return None
+            if len(rest) < len(ticket.checks):
+                ticket = ticket._replace(checks=[ticket.checks[i] for i in rest],
+                                         taken=[ticket.taken[i] for i in rest], holds=None)
+                actual = [actual[i] for i in rest]
         sent = self.redis.send_settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken,
                                       actual)
         if sent is not None:  # its answer is looked at when it comes: no task per request
@@ -216,19 +264,21 @@ class Admission:
         task.add_done_callback(self._settling.discard)
         return task
 
-    def _orphaned(self, checks: list[Check], ticket: str, decision: Decision) -> None:
+    def _orphaned(self, checks: list[Check], ticket: str, wants: list[Want] | None,
+                  asked_at: float, decision: Decision) -> None:
         """Redis's answer to an admission whose request went away before it came: what it
-        reserved is given back, all of it, since the request never ran."""
+        reserved is given back, all of it, since the request never ran (and spare room it
+        brought is held as any other)."""
+        holds = None
+        if self.leases is not None and wants is not None:
+            if not decision.admitted:
+                self.leases.refused(checks, wants)
+                return
+            holds = self.leases.granted(checks, wants, decision, asked_at, time.monotonic())
+            self._give_when_due()
         if decision.admitted:
-            self._in_background(self._give_back(checks, ticket, decision))
-
-    async def _give_back(self, checks: list[Check], ticket: str, decision: Decision) -> None:
-        assert self.redis is not None
-        try:
-            await self.redis.settle(checks, ticket, decision.at_ms, decision.taken,
-                                    [0] * len(checks))
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            log.warning("rate limits: could not give back a reservation (%s)", exc)
+            self._settle_in_redis(Ticket(ticket, checks, decision.taken, decision.at_ms, False,
+                                         {}, holds), [0] * len(checks))
 
     async def _release(self, checks: list[Check], ticket: str) -> None:
         """Free the places held at once by a request that never ran, by its ticket: nothing
@@ -262,7 +312,78 @@ class Admission:
         else:
             log.warning("rate limits: could not settle a reservation (%s)", exc)
 
+    # -- held room given back -------------------------------------------------------------------
+
+    def _give_when_due(self) -> None:
+        """A timer for the moment held room's second ends (one at a time)."""
+        assert self.leases is not None
+        due = self.leases.next_due()
+        if due is not None:
+            self._give_at(due + 0.001)
+
+    def _give_soon(self) -> None:
+        self._give_at(0.0)
+
+    def _give_at(self, when: float) -> None:
+        """One timer at a time, at the earliest moment asked for (``time.monotonic``, the
+        leases' clock; an event loop's may differ)."""
+        if self._giving is not None:
+            if self._giving_at <= when:
+                return
+            self._giving.cancel()
+        now = time.monotonic()
+        self._giving_at = max(when, now)
+        # Never 0: uvloop answers a call_later of 0 with a handle that has no time.
+        self._giving = asyncio.get_running_loop().call_later(
+            max(self._giving_at - now, 0.0005), self._give_due)
+
+    def _give_due(self) -> None:
+        assert self.leases is not None
+        self._giving = None
+        self._give(self.leases.due(time.monotonic()))
+        self._give_when_due()
+
+    def _give(self, gives: list[Give]) -> None:
+        """Room given back to Redis, one script call per organization (their counters share
+        a hash tag); written at once, its answer looked at when it comes."""
+        assert self.redis is not None
+        by_tag: dict[str, list[Give]] = {}
+        for give in gives:
+            by_tag.setdefault(give.key[:give.key.index("}") + 1], []).append(give)
+        for group in by_tag.values():
+            keys, spec = [give.key for give in group], " ".join(give.spec for give in group)
+            sent = self.redis.send_give(keys, spec)
+            if sent is None:
+                self._in_background(self._give_later(keys, spec))
+                continue
+            self._sent.add(sent)
+            sent.add_done_callback(functools.partial(self._given, keys, spec))
+
+    def _given(self, keys: list[str], spec: str, sent: asyncio.Future[Any]) -> None:
+        self._sent.discard(sent)
+        if sent.cancelled() or (exc := sent.exception()) is None:
+            return
+        if isinstance(exc, redis.exceptions.NoScriptError):
+            self._in_background(self._give_later(keys, spec))
+        else:
+            log.warning("rate limits: could not give back held room (%s)", exc)
+
+    async def _give_later(self, keys: list[str], spec: str) -> None:
+        assert self.redis is not None
+        try:
+            await self.redis.give(keys, spec)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            # It leaves the window within a minute; a quota keeps it (the period's usage in
+            # Postgres does not, and the reconciler never lowers a counter).
+            log.warning("rate limits: could not give back held room (%s)", exc)
+
     async def close(self) -> None:
+        if self.leases is not None and self.redis is not None:
+            if self._giving is not None:
+                self._giving.cancel()
+                self._giving = None
+            await asyncio.sleep(0)  # settlements of the last requests
+            self._give(self.leases.close())
         while self._settling or self._sent:  # an answer may still start a task
             await asyncio.gather(*self._settling, *self._sent, return_exceptions=True)
             await asyncio.sleep(0)  # the answers' callbacks run

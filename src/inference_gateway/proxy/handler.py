@@ -301,7 +301,10 @@ class ProxyHandler:
         self.meter.submit(record)
         settling = None
         if ticket is not None and self.admission is not None:
-            settling = self.admission.settle(ticket, record)
+            try:
+                settling = self.admission.settle(ticket, record)
+            except Exception:  # a bug there must not cost the client an answer it was metered
+                log.exception("rate limits: a reservation could not be settled")
         for observer in self.observers:
             observer.finished(record, outcome)
         return settling

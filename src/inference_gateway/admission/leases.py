@@ -1,0 +1,307 @@
+"""Room a gateway process holds from Redis, so that most limited requests need no round trip.
+
+A round trip to Redis costs more than the rest of a request's path, so when Redis admits a
+request while a counter has ample room, it also gives the process some spare room, counted in
+Redis as admitted in that second. The process admits its next requests from it, and settles
+them against it, while Redis's clock is still in that second; then what is left goes back.
+
+It stays exact: every request is counted in Redis, in the second it was admitted in (the process
+uses the room only while Redis's clock is surely still in that second: the grant's time on
+Redis's clock plus what has passed since it was asked for). Spare room is only given out of the
+room beyond half the limit, and shared: at most that divided by twice the number of processes,
+and at most twice what the process admitted from that counter in the last second. So no process
+sits on room others need, and near a limit each request goes to Redis and is settled there at
+once, as without leases.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+from inference_gateway.admission.checks import Check
+from inference_gateway.admission.redis_counters import CODE, Decision, Want
+
+GRANT_STUCK_SEC = 5.0  # a grant of places with no answer by then is taken as failed
+
+
+class Hold:
+    """Spare room of one window or quota, usable until its Redis second ends."""
+
+    __slots__ = ("active", "key", "kind", "reset_at", "room", "second", "spent", "until",
+                 "used")
+
+    def __init__(self, key: str, kind: str, second: int, until: float) -> None:
+        self.key, self.kind, self.second, self.until = key, kind, second, until
+        self.room = 0  # still to admit from; below 0 when settling added more than it had
+        self.used = 0  # the counter's use as last known, for the rate-limit headers
+        self.reset_at = 0.0  # when the window has room again (monotonic seconds)
+        self.spent = 0  # what was admitted from it: the demand its next grant asks for
+        self.active = True  # False once its room was given back: settle through Redis
+
+
+class Places:
+    """The places at once a process holds for one counter: members ``name#0 ... name#(held-1)``
+    of its sorted set, ``busy`` of them taken by requests under way."""
+
+    __slots__ = ("asked", "busy", "detached", "granting", "held", "key", "name", "until")
+
+    def __init__(self, key: str, name: str) -> None:
+        self.key, self.name = key, name
+        self.held = self.busy = 0
+        self.until = 0.0  # spare places may be taken until then
+        self.granting = 0.0  # when a grant was asked for, while its answer is to come
+        self.asked = 0
+        self.detached = False  # a grant failed: how many it holds is not known
+
+
+class Give(NamedTuple):
+    """Room to give back to Redis (see ``redis_counters._GIVE``)."""
+
+    key: str
+    spec: str
+
+
+class Leases:
+    def __init__(self, holder: str, processes: int) -> None:
+        self.holder = holder
+        self.share = 2 * processes
+        self._holds: dict[str, Hold] = {}
+        self._places: dict[str, Places] = {}
+        self._demand: dict[str, tuple[int, float]] = {}  # key → spent by its last hold, when
+        self._owed: dict[tuple[str, str, int], int] = {}  # (kind, key, second) → change
+        self._detached: list[Places] = []
+        self._asking: dict[str, float] = {}  # key → when room was asked for, answer to come
+        self._ids = itertools.count()
+
+    # -- admitting ----------------------------------------------------------------------------
+
+    def take(self, checks: list[Check], now: float) -> tuple[Decision, list[Hold | Places]] | None:
+        """Admit a request from the room held, if every one of its checks has enough."""
+        found: list[Hold | Places] = []
+        for check in checks:
+            if check.kind == "concurrent":
+                places = self._places.get(check.key)
+                if places is None or places.until <= now or places.busy >= places.held \
+                        or places.granting:
+                    return None
+                found.append(places)
+            else:
+                hold = self._holds.get(check.key)
+                if hold is None or hold.until <= now or hold.room < check.cost:
+                    return None
+                found.append(hold)
+        used: list[int] = []
+        resets: list[int] = []
+        taken: list[int] = []
+        second = 0
+        for check, held in zip(checks, found, strict=True):
+            if isinstance(held, Places):
+                held.busy += 1
+                taken.append(1)
+                used.append(0)
+                resets.append(0)
+            else:
+                held.room -= check.cost
+                held.spent += check.cost
+                held.used += check.cost
+                second = held.second
+                taken.append(check.cost)
+                used.append(held.used)
+                resets.append(max(int((held.reset_at - now) * 1000), 0))
+        return Decision(True, -1, 0, used, resets, taken, second * 1000), found
+
+    def wants(self, checks: list[Check], now: float) -> list[Want]:
+        """What to ask Redis for beyond a request: twice the demand of the last second."""
+        wants: list[Want] = []
+        for check in checks:
+            if check.kind == "concurrent":
+                places = self._places.get(check.key)
+                if places is not None and places.granting \
+                        and now - places.granting > GRANT_STUCK_SEC:
+                    self._detach(places)
+                    places = None
+                if places is None:
+                    places = Places(check.key, f"{self.holder}p{next(self._ids)}")
+                    self._places[check.key] = places
+                if places.granting:  # one grant at a time keeps the names in order
+                    wants.append(Want(0))
+                    continue
+                places.granting, places.asked = now, max(places.busy, 1)
+                wants.append(Want(places.asked, places.held, places.name))
+            else:
+                if now - self._asking.get(check.key, -GRANT_STUCK_SEC) < GRANT_STUCK_SEC:
+                    wants.append(Want(0))  # one grant at a time: requests at once share it
+                    continue
+                self._asking[check.key] = now
+                hold = self._holds.get(check.key)
+                last = self._demand.get(check.key, (0, 0.0))[0]
+                spent = hold.spent if hold is not None else 0
+                wants.append(Want(max(4 * check.cost, 2 * max(last, spent))))
+        return wants
+
+    def granted(self, checks: list[Check], wants: list[Want], decision: Decision,
+                asked_at: float, now: float) -> list[Hold | Places | None]:
+        """Hold the spare room Redis gave with an admission; the request's own part is held
+        with it where there was any (and settled here), otherwise in Redis (None)."""
+        spares = decision.spare or [0] * len(checks)
+        second = decision.at_ms // 1000
+        # Redis's clock is at most at_ms (+1, its milliseconds are rounded down) plus the time
+        # since the admission was asked for: the room is used only while that is in `second`.
+        until = asked_at + ((second + 1) * 1000 - decision.at_ms - 1) / 1000
+        found: list[Hold | Places | None] = []
+        self.refused(checks, wants)
+        for i, check in enumerate(checks):
+            spare = spares[i]
+            if check.kind == "concurrent":
+                places = self._places.get(check.key)
+                if places is not None and wants[i].room and spare > 0:
+                    places.held += 1 + spare
+                    places.busy += 1
+                    places.until = until
+                    found.append(places)
+                    continue
+                found.append(None)
+                continue
+            if spare <= 0:
+                found.append(None)
+                continue
+            hold = self._holds.get(check.key)
+            if hold is None or hold.second != second or not hold.active:
+                if hold is not None:
+                    self._expire(hold, now)
+                hold = self._holds[check.key] = Hold(check.key, check.kind, second, until)
+            hold.until = min(hold.until, until)
+            hold.room += spare
+            hold.spent += decision.taken[i]
+            hold.used = decision.used[i]
+            hold.reset_at = now + decision.resets_ms[i] / 1000
+            found.append(hold)
+        return found
+
+    def refused(self, checks: list[Check], wants: list[Want]) -> None:
+        """Redis answered: the grants this request asked for are no longer under way (and a
+        refusal changed nothing)."""
+        for check, want in zip(checks, wants, strict=True):
+            if want.room:
+                self._asking.pop(check.key, None)
+                places = self._places.get(check.key)
+                if places is not None and check.kind == "concurrent":
+                    places.granting = 0.0
+
+    def failed(self, checks: list[Check], wants: list[Want]) -> None:
+        """Redis did not answer: a grant of places may or may not have been made."""
+        for check, want in zip(checks, wants, strict=True):
+            if want.room:
+                self._asking.pop(check.key, None)
+                places = self._places.get(check.key)
+                if places is not None and check.kind == "concurrent":
+                    self._detach(places)
+
+    def holding(self, checks: list[Check], now: float) -> bool:
+        """Whether this process holds room any of these checks could use."""
+        for check in checks:
+            hold = self._holds.get(check.key)
+            if hold is not None and hold.active and hold.room > 0:
+                return True
+            places = self._places.get(check.key)
+            if places is not None and places.held > places.busy and not places.granting:
+                return True
+        return False
+
+    # -- settling and giving back ---------------------------------------------------------------
+
+    def settle(self, holds: list[Hold | Places | None], checks: list[Check], taken: list[int],
+               actual: list[int], now: float) -> bool:
+        """Settle a request admitted from held room; True when something is owed to Redis
+        now (rather than when the room's second ends)."""
+        owed = False
+        for held, check, take, spent in zip(holds, checks, taken, actual, strict=True):
+            if held is None:
+                continue
+            if isinstance(held, Places):
+                held.busy -= 1
+                owed = owed or held.detached or held.until <= now
+                continue
+            change = spent - take
+            if not change:
+                continue
+            if held.active:
+                held.room -= change
+                held.used += change
+            else:
+                owed_key = (check.kind, check.key, held.second)
+                self._owed[owed_key] = self._owed.get(owed_key, 0) + change
+                owed = True
+        return owed
+
+    def release(self, checks: list[Check], now: float) -> list[Give]:
+        """Give back at once all the room held for these checks (a request was refused)."""
+        for check in checks:
+            hold = self._holds.pop(check.key, None)
+            if hold is not None:
+                self._expire(hold, now)
+            places = self._places.get(check.key)
+            if places is not None:
+                places.until = 0.0
+        return self._gives(now, only={check.key for check in checks})
+
+    def due(self, now: float) -> list[Give]:
+        """Room whose second has ended, and changes owed, to give back to Redis now."""
+        for key, hold in list(self._holds.items()):
+            if hold.until <= now:
+                del self._holds[key]
+                self._expire(hold, now)
+        self._demand = {key: seen for key, seen in self._demand.items() if now - seen[1] < 3}
+        return self._gives(now)
+
+    def next_due(self) -> float | None:
+        """When ``due`` has something to give back next."""
+        if self._owed or self._detached:
+            return 0.0
+        times = [hold.until for hold in self._holds.values()]
+        times += [places.until for places in self._places.values()
+                  if places.held > places.busy and not places.granting]
+        return min(times, default=None)
+
+    def close(self) -> list[Give]:
+        """Everything held, given back (the process stops)."""
+        for places in self._places.values():
+            places.until = 0.0
+        return self.due(float("inf"))
+
+    def _expire(self, hold: Hold, now: float) -> None:
+        hold.active = False
+        if hold.room:
+            owed_key = (hold.kind, hold.key, hold.second)
+            self._owed[owed_key] = self._owed.get(owed_key, 0) - hold.room
+            hold.room = 0
+        self._demand[hold.key] = (hold.spent, now)
+
+    def _detach(self, places: Places) -> None:
+        """Places whose count is no longer known: given back, every name a grant may have
+        made, once no request uses them."""
+        places.detached = True
+        places.held += 1 + places.asked
+        places.granting = 0.0
+        if self._places.get(places.key) is places:
+            del self._places[places.key]
+        self._detached.append(places)
+
+    def _gives(self, now: float, only: set[str] | None = None) -> list[Give]:
+        gives: list[Give] = []
+        for (kind, key, second), change in list(self._owed.items()):
+            if only is None or key in only:
+                del self._owed[(kind, key, second)]
+                if change:
+                    gives.append(Give(key, f"{CODE[kind]} {second} {change} 0"))
+        for places in list(self._places.values()):
+            if (only is None or places.key in only) and places.until <= now \
+                    and places.held > places.busy and not places.granting:
+                gives.append(Give(places.key, f"c {places.name} {places.busy} {places.held}"))
+                places.held = places.busy
+        for places in list(self._detached):
+            if places.busy <= 0:
+                self._detached.remove(places)
+                gives.append(Give(places.key, f"c {places.name} 0 {places.held}"))
+        return gives
