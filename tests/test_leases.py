@@ -50,6 +50,12 @@ class Counting:
         gate.redis.admit = admit  # type: ignore[method-assign]
 
 
+async def early_in_a_second() -> None:
+    """Held room goes back when its second ends: a test that looks at it starts just after
+    one began (Redis's clock is this machine's)."""
+    await asyncio.sleep(1 - time.time() % 1 + 0.01)
+
+
 @pytest.fixture
 async def gates(redis_url: str) -> AsyncIterator[list[Admission]]:
     made: list[Admission] = []
@@ -174,6 +180,7 @@ async def test_room_left_when_its_second_ends_goes_back(redis_url: str,
     owner = limit(tokens_per_minute=1_000_000, tokens_per_day=10**9)
     gate = gate_for(owner, redis_url, gates)
     tenant = Tenant(owner.organization_id, "inst")
+    await early_in_a_second()
     ticket = await gate.admit(tenant, "m", {"max_tokens": 100}, 40, True)
     assert ticket is not None and ticket.holds is not None and None not in ticket.holds
     assert (await counters(redis_url, owner))["tpm"] > 111  # the request and the room beside
@@ -208,6 +215,7 @@ def test_held_room_is_given_back_under_uvloop(redis_url: str) -> None:
         gate = gate_for(owner, redis_url, made)
         tenant = Tenant(owner.organization_id, "inst")
         try:
+            await early_in_a_second()
             tickets = [await gate.admit(tenant, "m", {"max_tokens": 100}, 40, True)
                        for _ in range(2)]
             assert all(ticket is not None and ticket.holds for ticket in tickets)
@@ -262,6 +270,7 @@ async def test_a_request_gone_during_its_admission_leaves_nothing_held(
     warm = limit(requests_per_minute=10)  # opens the connection, so the script goes at once
     gate.book._by_org[warm.organization_id] = (warm,)
     await gate.admit(Tenant(warm.organization_id, "inst"), "m", {}, 40, False)
+    await early_in_a_second()
     task = asyncio.create_task(gate.admit(tenant, "m", {"max_tokens": 100}, 40, True))
     await asyncio.sleep(0)  # the script is on its way
     task.cancel()
@@ -274,3 +283,61 @@ async def test_a_request_gone_during_its_admission_leaves_nothing_held(
     await asyncio.sleep(0.05)
     # Every counter back to nothing, and no place held.
     assert await counters(redis_url, owner) == {"rpm": 0, "tpm": 0, "quota": 0}
+
+
+async def test_room_given_back_to_a_redis_that_lost_its_scripts(
+        redis_url: str, gates: list[Admission]) -> None:
+    """Redis restarted or flushed its scripts while room was held: giving it back loads the
+    script again, and Redis still ends up counting what was used, no more."""
+    owner = limit(tokens_per_minute=1_000_000)
+    gate = gate_for(owner, redis_url, gates)
+    tenant = Tenant(owner.organization_id, "inst")
+    await early_in_a_second()
+    ticket = await gate.admit(tenant, "m", {"max_tokens": 100}, 40, True)
+    assert ticket is not None and ticket.holds == [ticket.holds[0]] and ticket.holds[0]
+    gate.settle(ticket, record(owner, 11, 5))
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.script_flush()
+    finally:
+        await client.aclose()
+    for _ in range(300):
+        if (await counters(redis_url, owner))["tpm"] == 16:
+            break
+        await asyncio.sleep(0.01)
+    assert await counters(redis_url, owner) == {"tpm": 16}
+
+
+async def test_requests_at_once_wait_for_the_room_one_of_them_asked_for(
+        redis_url: str, gates: list[Admission]) -> None:
+    """Thirty-two requests arrive together: one asks Redis for room, the others wait for its
+    answer and are admitted from it, rather than each making a round trip of its own."""
+    owner = limit(requests_per_minute=1_000_000, tokens_per_minute=10**9, max_concurrent=10_000)
+    gate = gate_for(owner, redis_url, gates)
+    counted = Counting(gate)
+    tenant = Tenant(owner.organization_id, "inst")
+    await gate.admit(tenant, "m", {"max_tokens": 10}, 40, True)  # demand known: 1 a second
+    counted.calls = 0
+    await asyncio.sleep(1.05)  # that room went back with its second
+    tickets = await asyncio.gather(*(gate.admit(tenant, "m", {"max_tokens": 10}, 40, True)
+                                     for _ in range(32)))
+    assert all(ticket is not None for ticket in tickets)
+    assert counted.calls < 8, counted.calls
+
+
+async def test_what_held_room_admitted_still_counts_when_redis_goes_away(
+        redis_url: str, gates: list[Admission]) -> None:
+    """Requests admitted from held room reach the process's own counters, so the fallback
+    that takes over when Redis goes away counts them in its minute."""
+    owner = limit(requests_per_minute=40)
+    gate = gate_for(owner, redis_url, gates)
+    tenant = Tenant(owner.organization_id, "inst")
+    admitted = [await gate.admit(tenant, "m", {}, 40, False) for _ in range(10)]
+    assert any(ticket is not None and ticket.here for ticket in admitted)
+    gate._redis_lost(ConnectionError("gone"))  # as if: the process's own counters from here
+    more = 0
+    with pytest.raises(GatewayError):
+        for _ in range(40):
+            await gate.admit(tenant, "m", {}, 40, False)
+            more += 1
+    assert more == 30

@@ -61,10 +61,11 @@ def _periods(day: int) -> tuple[tuple[str, int], tuple[str, int]]:
 
 
 def checks_for(limits: tuple[Limit, ...], prompt: int, completion: int, *, named: bool = True,
-               now: datetime | None = None) -> list[Check]:
+               now: datetime | None = None, now_ms: int | None = None) -> list[Check]:
     """Every counter a request with these estimates must fit in; ``named`` when the
     request set its own limit of tokens to generate."""
-    now_ms = int((now.timestamp() if now is not None else time.time()) * 1000)
+    if now_ms is None:
+        now_ms = int((now.timestamp() if now is not None else time.time()) * 1000)
     periods = _periods(now_ms // DAY_MS)
     found: list[Check] = []
     for limit in limits:

@@ -15,6 +15,7 @@ everything, ``closed`` refuses with a 503. Redis is tried again every few second
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -28,7 +29,7 @@ import redis.exceptions
 
 from inference_gateway.admission.checks import Check, checks_for
 from inference_gateway.admission.leases import Give, Hold, Leases, Places
-from inference_gateway.admission.limits import LimitBook
+from inference_gateway.admission.limits import Limit, LimitBook
 from inference_gateway.admission.local_counters import LocalCounters
 from inference_gateway.admission.redis_counters import Decision, RedisCounters, Want
 from inference_gateway.errors import GatewayError
@@ -52,6 +53,7 @@ class Ticket(NamedTuple):
     local: bool  # reserved in this process's counters (Redis was away)
     headers: dict[str, str]
     holds: list[Hold | Places | None] | None = None  # per check, the held room it came from
+    here: bool = False  # admitted from held room alone, without asking Redis
 
 
 def duration(ms: float) -> str:
@@ -104,24 +106,25 @@ def _refusal(check: Check, decision: Decision) -> GatewayError:
 
 def _headers(checks: list[Check], decision: Decision) -> dict[str, str]:
     """OpenAI's rate-limit headers from the tightest per-minute limit of each measure."""
+    tightest: dict[str, tuple[int, int, int]] = {}  # measure → remaining, limit, reset
+    for check, used, reset in zip(checks, decision.used, decision.resets_ms, strict=True):
+        if check.kind == "window":
+            remaining = max(check.limit - used, 0)
+            found = tightest.get(check.measure)
+            if found is None or remaining < found[0]:
+                tightest[check.measure] = (remaining, check.limit, reset)
     headers: dict[str, str] = {}
-    for measure in ("requests", "tokens"):
-        tightest: tuple[int, int, int] | None = None  # remaining, limit, reset
-        for check, used, reset in zip(checks, decision.used, decision.resets_ms, strict=True):
-            if check.kind == "window" and check.measure == measure:
-                remaining = max(check.limit - used, 0)
-                if tightest is None or remaining < tightest[0]:
-                    tightest = (remaining, check.limit, reset)
-        if tightest is not None:
-            headers[f"x-ratelimit-limit-{measure}"] = str(tightest[1])
-            headers[f"x-ratelimit-remaining-{measure}"] = str(tightest[0])
-            headers[f"x-ratelimit-reset-{measure}"] = duration(tightest[2])
+    for measure, (remaining, limit, reset) in tightest.items():
+        headers[f"x-ratelimit-limit-{measure}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{measure}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{measure}"] = duration(reset)
     return headers
 
 
 class Admission:
     def __init__(self, settings: Settings, book: LimitBook) -> None:
         self.book = book
+        self.timeout = settings.redis_timeout_sec
         self.redis = (RedisCounters(settings.redis_url, settings.redis_timeout_sec)
                       if settings.redis_url else None)
         processes = settings.webserver_workers * settings.gateway_instances
@@ -139,6 +142,8 @@ class Admission:
         self._giving: asyncio.TimerHandle | None = None  # when held room is given back next
         self._giving_at = 0.0
         self.refused = 0  # requests refused by a limit, for the metrics
+        self._checks: dict[tuple[int, int, int, bool, int],
+                           tuple[tuple[Limit, ...], list[Check]]] = {}
 
     async def admit(self, tenant: Tenant, model: str, fields: dict[str, object],
                     body_bytes: int, generates: bool) -> Ticket | None:
@@ -146,23 +151,31 @@ class Admission:
         if not limits:
             return None
         prompt, completion, named = estimate(fields, body_bytes, generates, self.cap)
-        checks = checks_for(limits, prompt, completion, named=named)
+        checks = self._checks_for(limits, prompt, completion, named)
         if not checks:
             return None
         ticket = f"{self._tickets_prefix}{next(self._tickets)}"
         if self.leases is not None and not self._redis_back_at:  # from room held, if it can
-            held = self.leases.take(checks, time.monotonic())
-            if held is not None:
-                here, found = held
-                self.local.remember(checks, ticket, here.taken, here.used, here.at_ms)
-                return Ticket(ticket, checks, here.taken, here.at_ms, False,
-                              _headers(checks, here), list[Hold | Places | None](found))
+            for _ in range(4):
+                now = time.monotonic()
+                held = self.leases.take(checks, now)
+                if held is not None:
+                    here, found = held
+                    return Ticket(ticket, checks, here.taken, here.at_ms, False,
+                                  _headers(checks, here), list[Hold | Places | None](found),
+                                  here=True)
+                pending = self.leases.pending(checks, now)  # room asked for by another
+                if pending is None:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pending), self.timeout)
         try:
             decision, local, holds = await self._decide(checks, ticket)
             if decision is not None and not decision.admitted and self.leases is not None \
                     and self.leases.holding(checks, time.monotonic()):
                 # Room this process holds may be what is missing: given back, and asked again.
                 self._give(self.leases.release(checks, time.monotonic()))
+                self._count()
                 decision, local, holds = await self._decide(checks, ticket)
         except asyncio.CancelledError:  # the client left; Redis may have admitted it all the same
             if self.redis is not None:  # its places at least (the answer gives back the rest)
@@ -175,6 +188,21 @@ class Admission:
             raise _refusal(checks[decision.failing], decision)
         return Ticket(ticket, checks, decision.taken, decision.at_ms, local,
                       _headers(checks, decision), holds)
+
+    def _checks_for(self, limits: tuple[Limit, ...], prompt: int, completion: int,
+                    named: bool) -> list[Check]:
+        """The checks of a request, worked out once a second for requests alike (the same
+        limits and estimates; a quota's time left is then from the second's start)."""
+        second = int(time.time())
+        memo = (id(limits), prompt, completion, named, second)
+        found = self._checks.get(memo)
+        if found is not None and found[0] is limits:
+            return found[1]
+        if len(self._checks) > 1024:
+            self._checks.clear()
+        checks = checks_for(limits, prompt, completion, named=named, now_ms=second * 1000)
+        self._checks[memo] = (limits, checks)  # the limits kept: their id stays theirs
+        return checks
 
     async def _decide(self, checks: list[Check], ticket: str
                       ) -> tuple[Decision | None, bool, list[Hold | Places | None] | None]:
@@ -201,6 +229,7 @@ class Admission:
                         holds = leases.granted(checks, wants, decision, asked_at,
                                                time.monotonic())
                         self._give_when_due()
+                        self._count()
                 elif leases is not None and wants is not None:
                     leases.refused(checks, wants)
                 return decision, False, holds
@@ -213,6 +242,9 @@ class Admission:
         return self.local.admit(checks, ticket), True, None
 
     def _redis_lost(self, exc: BaseException) -> None:
+        if self.leases is not None:  # the fallback goes on from what was admitted here
+            self.leases.report()
+            self._count()
         if not self._redis_back_at:
             share = {"local": "each process now holds its share of every limit",
                      "open": "requests are admitted without limits",
@@ -232,7 +264,8 @@ class Admission:
             else check.owner.weighted(record.prompt_tokens, record.completion_tokens)
             for check in ticket.checks
         ]
-        self.local.settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken, actual)
+        if not ticket.here:  # what was admitted here reaches them with its room (``_count``)
+            self.local.settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken, actual)
         return self._settle_in_redis(ticket, actual)
 
     def _settle_in_redis(self, ticket: Ticket, actual: list[int]) -> asyncio.Task[None] | None:
@@ -241,8 +274,9 @@ class Admission:
         if ticket.holds is not None and self.leases is not None:
             # What came from held room is settled against it; the rest in Redis, at once.
             if self.leases.settle(ticket.holds, ticket.checks, ticket.taken, actual,
-                                  time.monotonic()):
+                                  time.monotonic(), ticket.here):
                 self._give_soon()
+                self._count()
             rest = [i for i, held in enumerate(ticket.holds) if held is None]
             if not rest:
                 return None
@@ -276,6 +310,7 @@ class Admission:
                 return
             holds = self.leases.granted(checks, wants, decision, asked_at, time.monotonic())
             self._give_when_due()
+            self._count()
         if decision.admitted:
             self._settle_in_redis(Ticket(ticket, checks, decision.taken, decision.at_ms, False,
                                          {}, holds), [0] * len(checks))
@@ -341,7 +376,16 @@ class Admission:
         assert self.leases is not None
         self._giving = None
         self._give(self.leases.due(time.monotonic()))
+        self._count()
         self._give_when_due()
+
+    def _count(self) -> None:
+        """What requests admitted from held room counted, into this process's own counters:
+        once per second and window, not once per request."""
+        assert self.leases is not None
+        counted, self.leases.counted = self.leases.counted, []
+        for key, second, amount in counted:
+            self.local.count(key, second, amount)
 
     def _give(self, gives: list[Give]) -> None:
         """Room given back to Redis, one script call per organization (their counters share
@@ -384,6 +428,7 @@ class Admission:
                 self._giving = None
             await asyncio.sleep(0)  # settlements of the last requests
             self._give(self.leases.close())
+            self._count()
         while self._settling or self._sent:  # an answer may still start a task
             await asyncio.gather(*self._settling, *self._sent, return_exceptions=True)
             await asyncio.sleep(0)  # the answers' callbacks run

@@ -16,6 +16,7 @@ once, as without leases.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import NamedTuple
 
@@ -28,8 +29,8 @@ GRANT_STUCK_SEC = 5.0  # a grant of places with no answer by then is taken as fa
 class Hold:
     """Spare room of one window or quota, usable until its Redis second ends."""
 
-    __slots__ = ("active", "key", "kind", "reset_at", "room", "second", "spent", "until",
-                 "used")
+    __slots__ = ("active", "here", "key", "kind", "reset_at", "room", "second", "spent",
+                 "until", "used")
 
     def __init__(self, key: str, kind: str, second: int, until: float) -> None:
         self.key, self.kind, self.second, self.until = key, kind, second, until
@@ -37,6 +38,7 @@ class Hold:
         self.used = 0  # the counter's use as last known, for the rate-limit headers
         self.reset_at = 0.0  # when the window has room again (monotonic seconds)
         self.spent = 0  # what was admitted from it: the demand its next grant asks for
+        self.here = 0  # what requests admitted from it count, not yet in the local counters
         self.active = True  # False once its room was given back: settle through Redis
 
 
@@ -44,11 +46,13 @@ class Places:
     """The places at once a process holds for one counter: members ``name#0 ... name#(held-1)``
     of its sorted set, ``busy`` of them taken by requests under way."""
 
-    __slots__ = ("asked", "busy", "detached", "granting", "held", "key", "name", "until")
+    __slots__ = ("asked", "busy", "detached", "granting", "held", "key", "name", "peak",
+                 "until")
 
     def __init__(self, key: str, name: str) -> None:
         self.key, self.name = key, name
         self.held = self.busy = 0
+        self.peak = 0  # the most busy at once lately: the demand its next grant asks for
         self.until = 0.0  # spare places may be taken until then
         self.granting = 0.0  # when a grant was asked for, while its answer is to come
         self.asked = 0
@@ -72,6 +76,10 @@ class Leases:
         self._owed: dict[tuple[str, str, int], int] = {}  # (kind, key, second) → change
         self._detached: list[Places] = []
         self._asking: dict[str, float] = {}  # key → when room was asked for, answer to come
+        self._answered: dict[str, asyncio.Future[None]] = {}  # for requests waiting on it
+        # (key, second, amount): what requests admitted here count in a window, for the
+        # process's own counters (see ``local_counters``), once their room is given back.
+        self.counted: list[tuple[str, int, int]] = []
         self._ids = itertools.count()
 
     # -- admitting ----------------------------------------------------------------------------
@@ -98,6 +106,7 @@ class Leases:
         for check, held in zip(checks, found, strict=True):
             if isinstance(held, Places):
                 held.busy += 1
+                held.peak = max(held.peak, held.busy)
                 taken.append(1)
                 used.append(0)
                 resets.append(0)
@@ -105,6 +114,7 @@ class Leases:
                 held.room -= check.cost
                 held.spent += check.cost
                 held.used += check.cost
+                held.here += check.cost
                 second = held.second
                 taken.append(check.cost)
                 used.append(held.used)
@@ -127,7 +137,8 @@ class Leases:
                 if places.granting:  # one grant at a time keeps the names in order
                     wants.append(Want(0))
                     continue
-                places.granting, places.asked = now, max(places.busy, 1)
+                places.granting, places.asked = now, max(2 * max(places.peak, places.busy), 4)
+                self._asking[check.key] = now
                 wants.append(Want(places.asked, places.held, places.name))
             else:
                 if now - self._asking.get(check.key, -GRANT_STUCK_SEC) < GRANT_STUCK_SEC:
@@ -158,6 +169,7 @@ class Leases:
                 if places is not None and wants[i].room and spare > 0:
                     places.held += 1 + spare
                     places.busy += 1
+                    places.peak = max(places.peak, places.busy)
                     places.until = until
                     found.append(places)
                     continue
@@ -184,7 +196,7 @@ class Leases:
         refusal changed nothing)."""
         for check, want in zip(checks, wants, strict=True):
             if want.room:
-                self._asking.pop(check.key, None)
+                self._answer(check.key)
                 places = self._places.get(check.key)
                 if places is not None and check.kind == "concurrent":
                     places.granting = 0.0
@@ -193,7 +205,7 @@ class Leases:
         """Redis did not answer: a grant of places may or may not have been made."""
         for check, want in zip(checks, wants, strict=True):
             if want.room:
-                self._asking.pop(check.key, None)
+                self._answer(check.key)
                 places = self._places.get(check.key)
                 if places is not None and check.kind == "concurrent":
                     self._detach(places)
@@ -212,9 +224,9 @@ class Leases:
     # -- settling and giving back ---------------------------------------------------------------
 
     def settle(self, holds: list[Hold | Places | None], checks: list[Check], taken: list[int],
-               actual: list[int], now: float) -> bool:
-        """Settle a request admitted from held room; True when something is owed to Redis
-        now (rather than when the room's second ends)."""
+               actual: list[int], now: float, here: bool) -> bool:
+        """Settle a request whose room was held (``here``: admitted without Redis); True when
+        something is owed to Redis now (rather than when the room's second ends)."""
         owed = False
         for held, check, take, spent in zip(holds, checks, taken, actual, strict=True):
             if held is None:
@@ -229,11 +241,35 @@ class Leases:
             if held.active:
                 held.room -= change
                 held.used += change
+                if here:
+                    held.here += change
             else:
                 owed_key = (check.kind, check.key, held.second)
                 self._owed[owed_key] = self._owed.get(owed_key, 0) + change
                 owed = True
+                if here and check.kind == "window":
+                    self.counted.append((check.key, held.second, change))
         return owed
+
+    def pending(self, checks: list[Check], now: float) -> asyncio.Future[None] | None:
+        """The answer to room being asked for one of these checks, if one is to come: a
+        request that waits for it may well find room then, without asking itself."""
+        for check in checks:
+            if now - self._asking.get(check.key, -GRANT_STUCK_SEC) < GRANT_STUCK_SEC:
+                answered = self._answered.get(check.key)
+                if answered is None:
+                    answered = asyncio.get_running_loop().create_future()
+                    self._answered[check.key] = answered
+                return answered
+        return None
+
+    def report(self) -> None:
+        """What requests admitted here count in the windows held now, to ``counted`` (Redis
+        went away: the process's own counters go on from there)."""
+        for hold in self._holds.values():
+            if hold.kind == "window" and hold.here:
+                self.counted.append((hold.key, hold.second, hold.here))
+                hold.here = 0
 
     def release(self, checks: list[Check], now: float) -> list[Give]:
         """Give back at once all the room held for these checks (a request was refused)."""
@@ -270,8 +306,17 @@ class Leases:
             places.until = 0.0
         return self.due(float("inf"))
 
+    def _answer(self, key: str) -> None:
+        self._asking.pop(key, None)
+        answered = self._answered.pop(key, None)
+        if answered is not None and not answered.done():
+            answered.set_result(None)
+
     def _expire(self, hold: Hold, now: float) -> None:
         hold.active = False
+        if hold.kind == "window" and hold.here:
+            self.counted.append((hold.key, hold.second, hold.here))
+            hold.here = 0
         if hold.room:
             owed_key = (hold.kind, hold.key, hold.second)
             self._owed[owed_key] = self._owed.get(owed_key, 0) - hold.room
@@ -300,6 +345,7 @@ class Leases:
                     and places.held > places.busy and not places.granting:
                 gives.append(Give(places.key, f"c {places.name} {places.busy} {places.held}"))
                 places.held = places.busy
+                places.peak = max(places.busy, places.peak // 2)
         for places in list(self._detached):
             if places.busy <= 0:
                 self._detached.remove(places)

@@ -124,6 +124,15 @@ class LocalCounters:
             else:
                 self._quotas[check.key] = self._quotas.get(check.key, 0) + take
 
+    def count(self, key: str, second: int, amount: int) -> None:
+        """Count in a window what requests admitted from room held by this process took in
+        ``second`` (reported once their room went back, not one by one)."""
+        window = self._windows.setdefault(key, _Window())
+        if second in window.seconds or second > next(reversed(window.seconds), second - 1):
+            window.add(second, amount)
+        else:  # a second before the newest held: counted in the newest, the order kept
+            window.admit(second, amount)
+
     def settle(self, checks: list[Check], ticket: str, at_ms: int, taken: list[int],
                actual: list[int]) -> None:
         """Replace what ``ticket`` reserved when admitted at ``at_ms`` with what it used."""
