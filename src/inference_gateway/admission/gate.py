@@ -72,11 +72,14 @@ def estimate(fields: dict[str, object], body_bytes: int, generates: bool,
     prompt = body_bytes // 4 + 1
     if not generates:
         return prompt, 0, True
-    asked = next((v for name in _TOKEN_LIMITS
-                  if isinstance(v := fields.get(name), int) and not isinstance(v, bool)), None)
+    asked = None
+    for name in _TOKEN_LIMITS:  # the first one given as a number (JSON's true is not one)
+        value = fields.get(name)
+        if value is not None and type(value) is int:
+            asked = value
+            break
     choices = fields.get("n")
-    n = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 \
-        else 1
+    n = choices if type(choices) is int and choices > 0 else 1
     named = asked is not None and asked > 0
     return prompt, min(asked if asked is not None and named else cap, cap) * n, named
 
@@ -107,17 +110,18 @@ def _refusal(check: Check, decision: Decision) -> GatewayError:
 def _headers(checks: list[Check], decision: Decision) -> dict[str, str]:
     """OpenAI's rate-limit headers from the tightest per-minute limit of each measure."""
     tightest: dict[str, tuple[int, int, int]] = {}  # measure → remaining, limit, reset
-    for check, used, reset in zip(checks, decision.used, decision.resets_ms, strict=True):
-        if check.kind == "window":
-            remaining = max(check.limit - used, 0)
-            found = tightest.get(check.measure)
+    for (kind, measure, _, limit, *_), used, reset in zip(checks, decision.used,
+                                                          decision.resets_ms, strict=True):
+        if kind == "window":
+            remaining = limit - used if used < limit else 0
+            found = tightest.get(measure)
             if found is None or remaining < found[0]:
-                tightest[check.measure] = (remaining, check.limit, reset)
+                tightest[measure] = (remaining, limit, reset)
     headers: dict[str, str] = {}
-    for measure, (remaining, limit, reset) in tightest.items():
-        headers[f"x-ratelimit-limit-{measure}"] = str(limit)
-        headers[f"x-ratelimit-remaining-{measure}"] = str(remaining)
-        headers[f"x-ratelimit-reset-{measure}"] = duration(reset)
+    for name, (remaining, limit, reset) in tightest.items():
+        headers[f"x-ratelimit-limit-{name}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{name}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{name}"] = duration(reset)
     return headers
 
 
@@ -162,8 +166,7 @@ class Admission:
                 if held is not None:
                     here, found = held
                     return Ticket(ticket, checks, here.taken, here.at_ms, False,
-                                  _headers(checks, here), list[Hold | Places | None](found),
-                                  here=True)
+                                  _headers(checks, here), found, True)
                 pending = self.leases.pending(checks, now)  # room asked for by another
                 if pending is None:
                     break
@@ -259,11 +262,9 @@ class Admission:
         when a connection is open (its answer is awaited in the background); otherwise the
         task is returned for the last bytes to wait for (they do, see ``relay``). Never for
         the request path to fail on."""
-        actual = [
-            1 if check.measure == "requests"
-            else check.owner.weighted(record.prompt_tokens, record.completion_tokens)
-            for check in ticket.checks
-        ]
+        prompt, completion = record.prompt_tokens, record.completion_tokens
+        actual = [1 if check.measure == "requests" else check.owner.weighted(prompt, completion)
+                  for check in ticket.checks]
         if not ticket.here:  # what was admitted here reaches them with its room (``_count``)
             self.local.settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken, actual)
         return self._settle_in_redis(ticket, actual)

@@ -84,19 +84,21 @@ class Leases:
 
     # -- admitting ----------------------------------------------------------------------------
 
-    def take(self, checks: list[Check], now: float) -> tuple[Decision, list[Hold | Places]] | None:
+    def take(self, checks: list[Check],
+             now: float) -> tuple[Decision, list[Hold | Places | None]] | None:
         """Admit a request from the room held, if every one of its checks has enough."""
-        found: list[Hold | Places] = []
-        for check in checks:
-            if check.kind == "concurrent":
-                places = self._places.get(check.key)
+        holds, places_of = self._holds, self._places
+        found: list[Hold | Places | None] = []
+        for kind, _, key, _, cost, *_ in checks:
+            if kind == "concurrent":
+                places = places_of.get(key)
                 if places is None or places.until <= now or places.busy >= places.held \
                         or places.granting:
                     return None
                 found.append(places)
             else:
-                hold = self._holds.get(check.key)
-                if hold is None or hold.until <= now or hold.room < check.cost:
+                hold = holds.get(key)
+                if hold is None or hold.until <= now or hold.room < cost:
                     return None
                 found.append(hold)
         used: list[int] = []
@@ -104,21 +106,24 @@ class Leases:
         taken: list[int] = []
         second = 0
         for check, held in zip(checks, found, strict=True):
-            if isinstance(held, Places):
+            if type(held) is Places:
                 held.busy += 1
-                held.peak = max(held.peak, held.busy)
+                if held.busy > held.peak:
+                    held.peak = held.busy
                 taken.append(1)
                 used.append(0)
                 resets.append(0)
-            else:
-                held.room -= check.cost
-                held.spent += check.cost
-                held.used += check.cost
-                held.here += check.cost
+            elif type(held) is Hold:
+                cost = check.cost
+                held.room -= cost
+                held.spent += cost
+                held.used += cost
+                held.here += cost
                 second = held.second
-                taken.append(check.cost)
+                taken.append(cost)
                 used.append(held.used)
-                resets.append(max(int((held.reset_at - now) * 1000), 0))
+                reset = int((held.reset_at - now) * 1000)
+                resets.append(reset if reset > 0 else 0)
         return Decision(True, -1, 0, used, resets, taken, second * 1000), found
 
     def wants(self, checks: list[Check], now: float) -> list[Want]:
