@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
 import redis.exceptions
@@ -288,8 +288,8 @@ class Admission:
         sent = self.redis.send_settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken,
                                       actual)
         if sent is not None:  # its answer is looked at when it comes: no task per request
-            self._sent.add(sent)
-            sent.add_done_callback(functools.partial(self._settled, ticket, actual))
+            self._watch(sent, functools.partial(self._settle, ticket, actual),
+                        "settle a reservation")
             return None
         return self._in_background(self._settle(ticket, actual))
 
@@ -337,16 +337,23 @@ class Admission:
             # for concurrency until its time-out.
             log.warning("rate limits: could not settle a reservation (%s)", exc)
 
-    def _settled(self, ticket: Ticket, actual: list[int], sent: asyncio.Future[Any]) -> None:
-        """The answer to a settlement written at once (see ``settle``); a Redis that lost the
-        script gets it again. (The connection fails it, should Redis not answer in time.)"""
+    def _watch(self, sent: asyncio.Future[Any],
+               again: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+        """Look at the answer to a script written at once when it comes; ``close`` waits."""
+        self._sent.add(sent)
+        sent.add_done_callback(functools.partial(self._answered, again, what))
+
+    def _answered(self, again: Callable[[], Coroutine[Any, Any, None]], what: str,
+                  sent: asyncio.Future[Any]) -> None:
+        """A Redis that lost the script gets it again (``again``). (The connection fails the
+        answer, should Redis not answer in time.)"""
         self._sent.discard(sent)
         if sent.cancelled() or (exc := sent.exception()) is None:
             return
         if isinstance(exc, redis.exceptions.NoScriptError):
-            self._in_background(self._settle(ticket, actual))
+            self._in_background(again())
         else:
-            log.warning("rate limits: could not settle a reservation (%s)", exc)
+            log.warning("rate limits: could not %s (%s)", what, exc)
 
     # -- held room given back -------------------------------------------------------------------
 
@@ -401,17 +408,8 @@ class Admission:
             if sent is None:
                 self._in_background(self._give_later(keys, spec))
                 continue
-            self._sent.add(sent)
-            sent.add_done_callback(functools.partial(self._given, keys, spec))
-
-    def _given(self, keys: list[str], spec: str, sent: asyncio.Future[Any]) -> None:
-        self._sent.discard(sent)
-        if sent.cancelled() or (exc := sent.exception()) is None:
-            return
-        if isinstance(exc, redis.exceptions.NoScriptError):
-            self._in_background(self._give_later(keys, spec))
-        else:
-            log.warning("rate limits: could not give back held room (%s)", exc)
+            self._watch(sent, functools.partial(self._give_later, keys, spec),
+                        "give back held room")
 
     async def _give_later(self, keys: list[str], spec: str) -> None:
         assert self.redis is not None
