@@ -119,10 +119,15 @@ def _headers(checks: list[Check], decision: Decision) -> dict[str, str]:
                 tightest[measure] = (remaining, limit, reset)
     headers: dict[str, str] = {}
     for name, (remaining, limit, reset) in tightest.items():
-        headers[f"x-ratelimit-limit-{name}"] = str(limit)
-        headers[f"x-ratelimit-remaining-{name}"] = str(remaining)
-        headers[f"x-ratelimit-reset-{name}"] = duration(reset)
+        limit_name, remaining_name, reset_name = _HEADER_NAMES[name]
+        headers[limit_name] = str(limit)
+        headers[remaining_name] = str(remaining)
+        headers[reset_name] = duration(reset)
     return headers
+
+
+_HEADER_NAMES = {measure: (f"x-ratelimit-limit-{measure}", f"x-ratelimit-remaining-{measure}",
+                           f"x-ratelimit-reset-{measure}") for measure in ("requests", "tokens")}
 
 
 class Admission:
@@ -278,6 +283,8 @@ class Admission:
                                   time.monotonic(), ticket.here):
                 self._give_soon()
                 self._count()
+            if ticket.here:  # all of it from held room
+                return None
             rest = [i for i, held in enumerate(ticket.holds) if held is None]
             if not rest:
                 return None
