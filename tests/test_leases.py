@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from inference_gateway.admission.gate import Admission, Ticket
+from inference_gateway.admission.leases import Hold
 from inference_gateway.admission.limits import Limit, LimitBook
 from inference_gateway.errors import GatewayError
 from inference_gateway.metering.record import UsageRecord
@@ -341,3 +342,84 @@ async def test_what_held_room_admitted_still_counts_when_redis_goes_away(
             await gate.admit(tenant, "m", {}, 40, False)
             more += 1
     assert more == 30
+
+
+async def test_a_request_gone_before_its_admission_left_holds_nobody_up(
+        redis_url: str, gates: list[Admission]) -> None:
+    """The first request leaves while the connection to Redis is still being opened: the room
+    it was to ask for is not waited for by the next one."""
+    owner = limit(requests_per_minute=100_000, max_concurrent=1000)
+    gate = gate_for(owner, redis_url, gates)
+    tenant = Tenant(owner.organization_id, "inst")
+    task = asyncio.create_task(gate.admit(tenant, "m", {}, 40, False))
+    await asyncio.sleep(0)  # it asked for room; nothing has been written yet
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.monotonic()
+    assert await gate.admit(tenant, "m", {}, 40, False) is not None
+    assert time.monotonic() - started < 0.5
+
+
+async def test_places_are_never_named_again_once_given_back(
+        redis_url: str, gates: list[Admission]) -> None:
+    """A give-back made again later (a Redis that lost its scripts) must not take places a
+    grant made meanwhile: places given back leave their name behind, and the next grant uses
+    a new one. And nothing spins while places given up are still in use."""
+    owner = limit(max_concurrent=1000)
+    gate = gate_for(owner, redis_url, gates)
+    assert gate.leases is not None
+    tenant = Tenant(owner.organization_id, "inst")
+    await early_in_a_second()
+    first = await gate.admit(tenant, "m", {}, 40, False)
+    assert first is not None and first.holds is not None
+    (places,) = first.holds
+    assert places is not None and not isinstance(places, Hold)
+    await asyncio.sleep(1.05)  # its second ended: the spare places went back
+    assert gate.leases._places[places.key].name != places.name
+    assert places.detached and places.busy == 1
+    assert gate.leases.next_due() != 0.0  # given up, in use: nothing to do until it ends
+    second = await gate.admit(tenant, "m", {}, 40, False)
+    assert second is not None and second.holds is not None
+    assert second.holds[0] is not places  # a grant of its own, under the new name
+    assert (await counters(redis_url, owner))["cc"] >= 2
+    gate.settle(first, record(owner, 1, 0))
+    gate.settle(second, record(owner, 1, 0))
+    await gate.close()
+    gates.remove(gate)
+    assert "cc" not in await counters(redis_url, owner)  # every name given back
+
+
+async def test_the_fallback_counts_requests_under_way_on_held_places(
+        redis_url: str, gates: list[Admission]) -> None:
+    owner = limit(max_concurrent=20)
+    gate = gate_for(owner, redis_url, gates)
+    tenant = Tenant(owner.organization_id, "inst")
+    await early_in_a_second()
+    running = [await gate.admit(tenant, "m", {}, 40, False) for _ in range(8)]
+    assert any(ticket is not None and ticket.here for ticket in running)
+    gate._redis_lost(ConnectionError("gone"))  # as if: the process's own counters from here
+    more = 0
+    with pytest.raises(GatewayError):
+        for _ in range(40):
+            await gate.admit(tenant, "m", {}, 40, False)
+            more += 1
+    assert more == 12  # twenty at once, the eight under way among them
+    for ticket in running:
+        assert ticket is not None
+        gate.settle(ticket, record(owner, 1, 0))
+    assert await gate.admit(tenant, "m", {}, 40, False) is not None  # they are over
+
+
+def test_a_quota_is_held_a_thousandth_at_most() -> None:
+    """Room of a quota granted with an answer that never came stays counted to the period's
+    end: a process asks for little of it."""
+    from inference_gateway.admission.checks import checks_for
+    from inference_gateway.admission.leases import Leases
+
+    owner = limit(tokens_per_month=1_000_000)
+    (check,) = checks_for((owner,), 100, 900)
+    leases = Leases("x-", 1)
+    leases._demand[check.key] = (50_000, time.monotonic())  # a busy last second
+    (want,) = leases.wants([check], time.monotonic())
+    assert want.room == 1000

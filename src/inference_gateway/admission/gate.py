@@ -221,6 +221,10 @@ class Admission:
                 decision = await self.redis.admit(
                     checks, ticket, wants=wants, share=leases.share if leases else 0,
                     orphan=functools.partial(self._orphaned, checks, ticket, wants, asked_at))
+            except asyncio.CancelledError:  # its answer may come (``_orphaned``), or never
+                if leases is not None and wants is not None:
+                    leases.failed(checks, wants)
+                raise
             except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
                 if leases is not None and wants is not None:
                     leases.failed(checks, wants)
@@ -250,8 +254,8 @@ class Admission:
         return self.local.admit(checks, ticket), True, None
 
     def _redis_lost(self, exc: BaseException) -> None:
-        if self.leases is not None:  # the fallback goes on from what was admitted here
-            self.leases.report()
+        if self.leases is not None and not self._redis_back_at:  # the fallback goes on from
+            self.local.hold_places(self.leases.report())        # what was admitted here
             self._count()
         if not self._redis_back_at:
             share = {"local": "each process now holds its share of every limit",
@@ -272,6 +276,10 @@ class Admission:
                   for check in ticket.checks]
         if not ticket.here:  # what was admitted here reaches them with its room (``_count``)
             self.local.settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken, actual)
+        elif self.local.held_places:  # Redis went away while it was under way
+            for check in ticket.checks:
+                if check.kind == "concurrent":
+                    self.local.free_place(check.key)
         return self._settle_in_redis(ticket, actual)
 
     def _settle_in_redis(self, ticket: Ticket, actual: list[int]) -> asyncio.Task[None] | None:

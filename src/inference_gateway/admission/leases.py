@@ -24,6 +24,9 @@ from inference_gateway.admission.checks import Check
 from inference_gateway.admission.redis_counters import CODE, Decision, Want
 
 GRANT_STUCK_SEC = 5.0  # a grant of places with no answer by then is taken as failed
+# A quota's room held by a process is at most this share of it: should Redis count a grant
+# whose answer never came (it timed out), that room stays counted until the period ends.
+QUOTA_SPARE_SHARE = 1000
 
 
 class Hold:
@@ -46,12 +49,13 @@ class Places:
     """The places at once a process holds for one counter: members ``name#0 ... name#(held-1)``
     of its sorted set, ``busy`` of them taken by requests under way."""
 
-    __slots__ = ("asked", "busy", "detached", "granting", "held", "key", "name", "peak",
-                 "until")
+    __slots__ = ("asked", "busy", "detached", "granting", "held", "here", "key", "name",
+                 "peak", "until")
 
     def __init__(self, key: str, name: str) -> None:
         self.key, self.name = key, name
         self.held = self.busy = 0
+        self.here = 0  # of the busy ones, admitted without asking Redis
         self.peak = 0  # the most busy at once lately: the demand its next grant asks for
         self.until = 0.0  # spare places may be taken until then
         self.granting = 0.0  # when a grant was asked for, while its answer is to come
@@ -108,6 +112,7 @@ class Leases:
         for check, held in zip(checks, found, strict=True):
             if type(held) is Places:
                 held.busy += 1
+                held.here += 1
                 if held.busy > held.peak:
                     held.peak = held.busy
                 taken.append(1)
@@ -134,7 +139,7 @@ class Leases:
                 places = self._places.get(check.key)
                 if places is not None and places.granting \
                         and now - places.granting > GRANT_STUCK_SEC:
-                    self._detach(places)
+                    self._detach(places, places.asked)
                     places = None
                 if places is None:
                     places = Places(check.key, f"{self.holder}p{next(self._ids)}")
@@ -153,7 +158,10 @@ class Leases:
                 hold = self._holds.get(check.key)
                 last = self._demand.get(check.key, (0, 0.0))[0]
                 spent = hold.spent if hold is not None else 0
-                wants.append(Want(max(4 * check.cost, 2 * max(last, spent))))
+                room = max(4 * check.cost, 2 * max(last, spent))
+                if check.kind == "quota":  # room granted with an answer lost stays counted
+                    room = min(room, max(check.cost, check.limit // QUOTA_SPARE_SHARE))
+                wants.append(Want(room))
         return wants
 
     def granted(self, checks: list[Check], wants: list[Want], decision: Decision,
@@ -171,7 +179,8 @@ class Leases:
             spare = spares[i]
             if check.kind == "concurrent":
                 places = self._places.get(check.key)
-                if places is not None and wants[i].room and spare > 0:
+                if places is not None and places.name == wants[i].name and wants[i].room \
+                        and spare > 0:
                     places.held += 1 + spare
                     places.busy += 1
                     places.peak = max(places.peak, places.busy)
@@ -203,17 +212,18 @@ class Leases:
             if want.room:
                 self._answer(check.key)
                 places = self._places.get(check.key)
-                if places is not None and check.kind == "concurrent":
+                if places is not None and places.name == want.name:
                     places.granting = 0.0
 
     def failed(self, checks: list[Check], wants: list[Want]) -> None:
-        """Redis did not answer: a grant of places may or may not have been made."""
+        """Redis did not answer, or the request left before it did: a grant of places may
+        or may not be made, so their names are given back, all that it could have made."""
         for check, want in zip(checks, wants, strict=True):
             if want.room:
                 self._answer(check.key)
                 places = self._places.get(check.key)
-                if places is not None and check.kind == "concurrent":
-                    self._detach(places)
+                if places is not None and places.name == want.name:
+                    self._detach(places, places.asked)
 
     def holding(self, checks: list[Check], now: float) -> bool:
         """Whether this process holds room any of these checks could use."""
@@ -238,6 +248,7 @@ class Leases:
                 continue
             if isinstance(held, Places):
                 held.busy -= 1
+                held.here -= here
                 owed = owed or held.detached or held.until <= now
                 continue
             change = spent - take
@@ -268,13 +279,19 @@ class Leases:
                 return answered
         return None
 
-    def report(self) -> None:
-        """What requests admitted here count in the windows held now, to ``counted`` (Redis
-        went away: the process's own counters go on from there)."""
+    def report(self) -> dict[str, int]:
+        """What requests admitted here count in the windows held now, to ``counted``, and
+        how many of them are under way per counter of places (Redis went away: the
+        process's own counters go on from there)."""
         for hold in self._holds.values():
             if hold.kind == "window" and hold.here:
                 self.counted.append((hold.key, hold.second, hold.here))
                 hold.here = 0
+        busy: dict[str, int] = {}
+        for places in [*self._places.values(), *self._detached]:
+            if places.here > 0:  # the others are in the process's own counters already
+                busy[places.key] = busy.get(places.key, 0) + places.here
+        return busy
 
     def release(self, checks: list[Check], now: float) -> list[Give]:
         """Give back at once all the room held for these checks (a request was refused)."""
@@ -298,7 +315,7 @@ class Leases:
 
     def next_due(self) -> float | None:
         """When ``due`` has something to give back next."""
-        if self._owed or self._detached:
+        if self._owed or any(places.busy <= 0 for places in self._detached):
             return 0.0
         times = [hold.until for hold in self._holds.values()]
         times += [places.until for places in self._places.values()
@@ -307,8 +324,10 @@ class Leases:
 
     def close(self) -> list[Give]:
         """Everything held, given back (the process stops)."""
-        for places in self._places.values():
+        for places in list(self._places.values()):
             places.until = 0.0
+            if places.granting:  # its answer will not be looked at
+                self._detach(places, places.asked)
         return self.due(float("inf"))
 
     def _answer(self, key: str) -> None:
@@ -328,15 +347,20 @@ class Leases:
             hold.room = 0
         self._demand[hold.key] = (hold.spent, now)
 
-    def _detach(self, places: Places) -> None:
-        """Places whose count is no longer known: given back, every name a grant may have
-        made, once no request uses them."""
+    def _detach(self, places: Places, uncertain: int = -1) -> None:
+        """Places given up under their name: all of them are given back once no request uses
+        them (with ``uncertain``, the most a grant with no answer may have made beside), and
+        the next grant uses a new name, so that a give-back retried late can never take
+        places a later grant made."""
         places.detached = True
-        places.held += 1 + places.asked
+        places.held += 1 + uncertain
         places.granting = 0.0
         if self._places.get(places.key) is places:
-            del self._places[places.key]
-        self._detached.append(places)
+            fresh = Places(places.key, f"{self.holder}p{next(self._ids)}")
+            fresh.peak = places.peak
+            self._places[places.key] = fresh
+        if places.held > 0 or places.busy > 0:
+            self._detached.append(places)
 
     def _gives(self, now: float, only: set[str] | None = None) -> list[Give]:
         gives: list[Give] = []
@@ -351,6 +375,7 @@ class Leases:
                 gives.append(Give(places.key, f"c {places.name} {places.busy} {places.held}"))
                 places.held = places.busy
                 places.peak = max(places.busy, places.peak // 2)
+                self._detach(places)
         for places in list(self._detached):
             if places.busy <= 0:
                 self._detached.remove(places)

@@ -65,6 +65,9 @@ class LocalCounters:
         self.share = share  # this process's part of every limit
         self._windows: dict[str, _Window] = {}
         self._places: dict[str, dict[str, float]] = {}  # held places, with their time-out
+        # Places of requests under way that Redis counted as room a process held (``leases``):
+        # counted here from the moment Redis went away until each is settled.
+        self.held_places: dict[str, int] = {}
         self._quotas: dict[str, int] = {}
 
     def _limit(self, check: Check) -> int:
@@ -92,10 +95,11 @@ class LocalCounters:
                 places = self._places.setdefault(check.key, {})
                 for held in [t for t, until in places.items() if until <= now]:
                     del places[held]
-                if len(places) + 1 > limit:
-                    return Decision(False, i, 1000, [len(places)], [], [])
+                busy = len(places) + self.held_places.get(check.key, 0)
+                if busy + 1 > limit:
+                    return Decision(False, i, 1000, [busy], [], [])
                 taken.append(1)
-                used.append(len(places) + 1)
+                used.append(busy + 1)
                 resets.append(0)
             else:
                 total = self._quotas.get(check.key, 0)
@@ -123,6 +127,19 @@ class LocalCounters:
                 self._quotas[check.key] = int(shared_used[i] * self.share)
             else:
                 self._quotas[check.key] = self._quotas.get(check.key, 0) + take
+
+    def hold_places(self, busy: dict[str, int]) -> None:
+        """Count the places of requests under way that held room admitted."""
+        for key, n in busy.items():
+            self.held_places[key] = self.held_places.get(key, 0) + n
+
+    def free_place(self, key: str) -> None:
+        """One of those requests is over."""
+        n = self.held_places.get(key, 0) - 1
+        if n > 0:
+            self.held_places[key] = n
+        else:
+            self.held_places.pop(key, None)
 
     def count(self, key: str, second: int, amount: int) -> None:
         """Count in a window what requests admitted from room held by this process took in
