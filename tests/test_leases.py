@@ -51,6 +51,17 @@ class Counting:
         gate.redis.admit = admit  # type: ignore[method-assign]
 
 
+async def admitted_once_redis_is_gone(gate: Admission, tenant: Tenant) -> int:
+    """How many more requests the process's own counters admit, Redis gone (as if)."""
+    gate._redis_lost(ConnectionError("gone"))
+    more = 0
+    with pytest.raises(GatewayError):
+        for _ in range(100):
+            await gate.admit(tenant, "m", {}, 40, False)
+            more += 1
+    return more
+
+
 async def early_in_a_second() -> None:
     """Held room goes back when its second ends: a test that looks at it starts just after
     one began (Redis's clock is this machine's)."""
@@ -335,13 +346,7 @@ async def test_what_held_room_admitted_still_counts_when_redis_goes_away(
     tenant = Tenant(owner.organization_id, "inst")
     admitted = [await gate.admit(tenant, "m", {}, 40, False) for _ in range(10)]
     assert any(ticket is not None and ticket.here for ticket in admitted)
-    gate._redis_lost(ConnectionError("gone"))  # as if: the process's own counters from here
-    more = 0
-    with pytest.raises(GatewayError):
-        for _ in range(40):
-            await gate.admit(tenant, "m", {}, 40, False)
-            more += 1
-    assert more == 30
+    assert await admitted_once_redis_is_gone(gate, tenant) == 30
 
 
 async def test_a_request_gone_before_its_admission_left_holds_nobody_up(
@@ -398,13 +403,7 @@ async def test_the_fallback_counts_requests_under_way_on_held_places(
     await early_in_a_second()
     running = [await gate.admit(tenant, "m", {}, 40, False) for _ in range(8)]
     assert any(ticket is not None and ticket.here for ticket in running)
-    gate._redis_lost(ConnectionError("gone"))  # as if: the process's own counters from here
-    more = 0
-    with pytest.raises(GatewayError):
-        for _ in range(40):
-            await gate.admit(tenant, "m", {}, 40, False)
-            more += 1
-    assert more == 12  # twenty at once, the eight under way among them
+    assert await admitted_once_redis_is_gone(gate, tenant) == 12  # twenty, eight under way
     for ticket in running:
         assert ticket is not None
         gate.settle(ticket, record(owner, 1, 0))
