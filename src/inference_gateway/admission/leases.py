@@ -9,9 +9,9 @@ It stays exact: every request is counted in Redis, in the second it was admitted
 uses the room only while Redis's clock is surely still in that second: the grant's time on
 Redis's clock plus what has passed since it was asked for). Spare room is only given out of the
 room beyond half the limit, and shared: at most that divided by twice the number of processes,
-and at most twice what the process admitted from that counter in the last second. So no process
-sits on room others need, and near a limit each request goes to Redis and is settled there at
-once, as without leases.
+and at most twice what the process admitted from that counter in the last second (of a quota,
+a thousandth of it at most). So no process sits on room others need, and near a limit each
+request goes to Redis and is settled there at once, as without leases.
 """
 
 from __future__ import annotations
