@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from inference_gateway.admission.checks import WINDOW_MS, Check, checks_for
-from inference_gateway.admission.gate import Admission, _headers, duration, estimate
+from inference_gateway.admission.answers import duration, rate_limit_headers
+from inference_gateway.admission.checks import WINDOW_MS, Check, checks_for, estimate
+from inference_gateway.admission.gate import Admission
 from inference_gateway.admission.limits import Limit, LimitBook, set_limit
 from inference_gateway.admission.local_counters import LocalCounters
 from inference_gateway.admission.quotas import reconcile
@@ -188,7 +189,8 @@ def test_estimates_and_headers() -> None:
         "0ms", "999ms", "1s", "2s", "59s", "1m1s", "6m0s"]
     owner = limit(requests_per_minute=10, tokens_per_minute=1000)
     checks = checks_for((owner,), 10, 10, now=T0)
-    headers = _headers(checks, Decision(True, -1, 0, [4, 120], [30_000, 1500], [1, 20]))
+    headers = rate_limit_headers(checks,
+                                 Decision(True, -1, 0, [4, 120], [30_000, 1500], [1, 20]))
     assert headers == {
         "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "6",
         "x-ratelimit-reset-requests": "30s", "x-ratelimit-limit-tokens": "1000",

@@ -47,6 +47,27 @@ class Check(NamedTuple):  # a tuple: made for every limited request, and cheaply
 
 
 DAY_MS = 86_400_000
+_TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def estimate(fields: dict[str, object], body_bytes: int, generates: bool,
+             cap: int) -> tuple[int, int, bool]:
+    """The tokens a request may use: its prompt, guessed from its size, and what it may
+    generate (its own limit, at most ``cap``, per choice); and whether it named that limit."""
+    prompt = body_bytes // 4 + 1
+    if not generates:
+        return prompt, 0, True
+    asked = None
+    for name in _TOKEN_LIMITS:  # the first one given as a number (JSON's true is not one)
+        value = fields.get(name)
+        if value is not None and type(value) is int:
+            asked = value
+            break
+    choices = fields.get("n")
+    n = choices if type(choices) is int and choices > 0 else 1
+    named = asked is not None and asked > 0
+    return prompt, min(asked if asked is not None and named else cap, cap) * n, named
+
 
 
 @functools.lru_cache(maxsize=4)

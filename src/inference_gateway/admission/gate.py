@@ -19,7 +19,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -27,7 +26,8 @@ from typing import Any, NamedTuple
 
 import redis.exceptions
 
-from inference_gateway.admission.checks import Check, checks_for
+from inference_gateway.admission.answers import rate_limit_headers, refusal
+from inference_gateway.admission.checks import Check, checks_for, estimate
 from inference_gateway.admission.leases import Give, Hold, Leases, Places
 from inference_gateway.admission.limits import Limit, LimitBook
 from inference_gateway.admission.local_counters import LocalCounters
@@ -40,7 +40,6 @@ from inference_gateway.tenants.tenant import Tenant
 log = logging.getLogger(__name__)
 
 RETRY_REDIS_SEC = 2.0
-_TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 class Ticket(NamedTuple):
@@ -54,80 +53,6 @@ class Ticket(NamedTuple):
     headers: dict[str, str]
     holds: list[Hold | Places | None] | None = None  # per check, the held room it came from
     here: bool = False  # admitted from held room alone, without asking Redis
-
-
-def duration(ms: float) -> str:
-    """A time as OpenAI's rate-limit headers write it: ``120ms``, ``1s``, ``6m0s``."""
-    if ms < 1000:
-        return f"{max(int(ms), 0)}ms"
-    seconds = math.ceil(ms / 1000)
-    minutes, seconds = divmod(seconds, 60)
-    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
-
-
-def estimate(fields: dict[str, object], body_bytes: int, generates: bool,
-             cap: int) -> tuple[int, int, bool]:
-    """The tokens a request may use: its prompt, guessed from its size, and what it may
-    generate (its own limit, at most ``cap``, per choice); and whether it named that limit."""
-    prompt = body_bytes // 4 + 1
-    if not generates:
-        return prompt, 0, True
-    asked = None
-    for name in _TOKEN_LIMITS:  # the first one given as a number (JSON's true is not one)
-        value = fields.get(name)
-        if value is not None and type(value) is int:
-            asked = value
-            break
-    choices = fields.get("n")
-    n = choices if type(choices) is int and choices > 0 else 1
-    named = asked is not None and asked > 0
-    return prompt, min(asked if asked is not None and named else cap, cap) * n, named
-
-
-def _refusal(check: Check, decision: Decision) -> GatewayError:
-    retry_ms = max(decision.retry_ms, 1)
-    headers = {"Retry-After": str(math.ceil(retry_ms / 1000)), "retry-after-ms": str(retry_ms)}
-    used = decision.used[0] if decision.used else 0
-    who = check.owner.describe()
-    if check.kind == "quota":
-        period = "day" if ":q:d" in check.key else "month"
-        return GatewayError(
-            429, f"You exceeded the token quota of {who} for this {period} ({check.limit} "
-            f"tokens; {used} used). It starts again in {duration(retry_ms)}.",
-            code="insufficient_quota", error_type="insufficient_quota", headers=headers)
-    unit = {"window": "per min", "concurrent": "at once"}[check.kind]
-    if check.floor > check.limit:
-        message = (f"Request too large for {who}: {check.measure} {unit} limit {check.limit}, "
-                   f"requested {check.floor}. Ask for fewer tokens (max_tokens).")
-    else:
-        message = (f"Rate limit reached for {who} on {check.measure} {unit}: limit "
-                   f"{check.limit}, used {used}, requested {check.floor}. Please try again in "
-                   f"{duration(retry_ms)}.")
-    return GatewayError(429, message, code="rate_limit_exceeded", error_type=check.measure,
-                        headers=headers)
-
-
-def _headers(checks: list[Check], decision: Decision) -> dict[str, str]:
-    """OpenAI's rate-limit headers from the tightest per-minute limit of each measure."""
-    tightest: dict[str, tuple[int, int, int]] = {}  # measure → remaining, limit, reset
-    for (kind, measure, _, limit, *_), used, reset in zip(checks, decision.used,
-                                                          decision.resets_ms, strict=True):
-        if kind == "window":
-            remaining = limit - used if used < limit else 0
-            found = tightest.get(measure)
-            if found is None or remaining < found[0]:
-                tightest[measure] = (remaining, limit, reset)
-    headers: dict[str, str] = {}
-    for name, (remaining, limit, reset) in tightest.items():
-        limit_name, remaining_name, reset_name = _HEADER_NAMES[name]
-        headers[limit_name] = str(limit)
-        headers[remaining_name] = str(remaining)
-        headers[reset_name] = duration(reset)
-    return headers
-
-
-_HEADER_NAMES = {measure: (f"x-ratelimit-limit-{measure}", f"x-ratelimit-remaining-{measure}",
-                           f"x-ratelimit-reset-{measure}") for measure in ("requests", "tokens")}
 
 
 class Admission:
@@ -171,7 +96,7 @@ class Admission:
                 if held is not None:
                     here, found = held
                     return Ticket(ticket, checks, here.taken, here.at_ms, False,
-                                  _headers(checks, here), found, True)
+                                  rate_limit_headers(checks, here), found, True)
                 pending = self.leases.pending(checks, now)  # room asked for by another
                 if pending is None:
                     break
@@ -193,9 +118,9 @@ class Admission:
             return None
         if not decision.admitted:
             self.refused += 1
-            raise _refusal(checks[decision.failing], decision)
+            raise refusal(checks[decision.failing], decision)
         return Ticket(ticket, checks, decision.taken, decision.at_ms, local,
-                      _headers(checks, decision), holds)
+                      rate_limit_headers(checks, decision), holds)
 
     def _checks_for(self, limits: tuple[Limit, ...], prompt: int, completion: int,
                     named: bool) -> list[Check]:
