@@ -152,15 +152,17 @@ async def test_at_most_max_num_seqs_run_and_the_rest_wait_in_order() -> None:
     async with simulator("--max-num-seqs", "3", "--tpot-ms", "50") as sim:
         finished: list[str] = []
 
-        async def ask(name: str, n: int) -> None:
-            await sim.post(CHAT, chat(n=n, max_tokens=20))
+        async def ask(name: str, n: int, max_tokens: int) -> None:
+            await sim.post(CHAT, chat(n=n, max_tokens=max_tokens))
             finished.append(name)
 
-        tasks = [asyncio.create_task(ask("first", 2))]
+        # The second is shorter than the third, so if the third waits its turn it ends half a
+        # second after the second; had it run beside the first, it would end with the first.
+        tasks = [asyncio.create_task(ask("first", 2, 20))]
         await sim.until("vllm:num_requests_running", 2)
-        tasks.append(asyncio.create_task(ask("second", 2)))  # does not fit beside the first
+        tasks.append(asyncio.create_task(ask("second", 2, 10)))  # does not fit beside the first
         await sim.until("vllm:num_requests_waiting", 2)
-        tasks.append(asyncio.create_task(ask("third", 1)))  # fits, but waits its turn
+        tasks.append(asyncio.create_task(ask("third", 1, 20)))  # fits, but waits its turn
         await sim.until("vllm:num_requests_waiting", 3)
         assert (await sim.metrics())["vllm:num_requests_running"] == 2
         await asyncio.gather(*tasks)
