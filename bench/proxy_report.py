@@ -164,8 +164,8 @@ def _costs(results: dict[str, Any]) -> list[str]:
                  for v in turns.values() if isinstance(v, dict)]
         alternating = [
             "", f"One request at a time to each gateway in turn, {turns['requests']:,} each "
-            "(Python's http.client on kept-alive connections; its own time is in every "
-            "latency alike):", "",
+            "(kept-alive connections, answers read with llhttp; the client's own time is in "
+            "every latency alike):", "",
             *_table(["gateway", "base p50 (ms)", "p50 (ms)", "p50 added (ms)",
                      "mean added (ms)"], rows2)]
     return [f"Three one-worker gateways side by side, {costs['rounds']} rounds of "
