@@ -422,3 +422,36 @@ def test_a_quota_is_held_a_thousandth_at_most() -> None:
     leases._demand[check.key] = (50_000, time.monotonic())  # a busy last second
     (want,) = leases.wants([check], time.monotonic())
     assert want.room == 1000
+
+
+def test_a_request_that_does_not_fit_whole_moves_no_counter() -> None:
+    """Held room is taken counter by counter; one without enough gives back what the ones
+    before it took, so that nothing is admitted, or counted, by halves."""
+    from inference_gateway.admission.checks import checks_for
+    from inference_gateway.admission.leases import Leases, Places
+    from inference_gateway.admission.plan import Plan
+
+    owner = limit(requests_per_minute=1000, tokens_per_minute=10**6, max_concurrent=10,
+                  tokens_per_month=10**9)
+    plan = Plan(checks_for((owner,), 10, 10))
+    rpm, tpm, cc, month = plan.checks
+    leases = Leases("x-", 1)
+    until = time.monotonic() + 60
+    holds = {check.key: Hold(check.key, check.kind, 7, until) for check in (rpm, tpm, month)}
+    holds[rpm.key].room, holds[tpm.key].room, holds[month.key].room = 5, 100, 19  # 20 asked
+    leases._holds.update(holds)
+    places = leases._places[cc.key] = Places(cc.key, "x-p0")
+    places.held, places.until = 3, until
+
+    def counters() -> list[tuple[int, ...]]:
+        return [*((h.room, h.spent, h.here, h.used) for h in holds.values()),
+                (places.busy, places.here)]
+
+    before = counters()
+    assert leases.take(plan, time.monotonic()) is None
+    assert counters() == before
+    holds[month.key].room = 20
+    taken = leases.take(plan, time.monotonic())
+    assert taken is not None and taken[1] == 7
+    assert taken[0] == [holds[rpm.key], holds[tpm.key], places, holds[month.key]]
+    assert counters() == [(4, 1, 1, 1), (80, 20, 20, 20), (0, 20, 20, 20), (1, 1)]

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from inference_gateway.admission.answers import duration, rate_limit_headers
+from inference_gateway.admission.answers import Known, duration, header_plan, rate_limit_headers
 from inference_gateway.admission.checks import WINDOW_MS, Check, checks_for, estimate
 from inference_gateway.admission.gate import Admission
 from inference_gateway.admission.limits import Limit, LimitBook, set_limit
@@ -189,12 +189,25 @@ def test_estimates_and_headers() -> None:
         "0ms", "999ms", "1s", "2s", "59s", "1m1s", "6m0s"]
     owner = limit(requests_per_minute=10, tokens_per_minute=1000)
     checks = checks_for((owner,), 10, 10, now=T0)
-    headers = rate_limit_headers(checks,
-                                 Decision(True, -1, 0, [4, 120], [30_000, 1500], [1, 20]))
+    def rooms(*counters: tuple[int, int]) -> list[Known]:  # (used, reset in ms)
+        return [Known(used, 100 + reset / 1000) for used, reset in counters]
+
+    headers = rate_limit_headers(header_plan(checks), rooms((4, 30_000), (120, 1500)), 100)
     assert headers == {
         "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "6",
         "x-ratelimit-reset-requests": "30s", "x-ratelimit-limit-tokens": "1000",
         "x-ratelimit-remaining-tokens": "880", "x-ratelimit-reset-tokens": "2s"}
+    # Of two limits on a measure, the one with less left speaks; one used up says 0.
+    tight = limit(requests_per_minute=5)
+    both = checks_for((owner, tight), 10, 10, now=T0)
+    assert [check.key.rsplit(":", 1)[1] for check in both] == ["rpm", "tpm", "rpm"]
+    headers = rate_limit_headers(header_plan(both), rooms((4, 30_000), (120, 1500), (4, 900)),
+                                 100)
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"],
+            headers["x-ratelimit-reset-requests"]) == ("5", "1", "900ms")
+    headers = rate_limit_headers(header_plan(both), rooms((4, 30_000), (120, 1500), (7, 900)),
+                                 100)
+    assert headers["x-ratelimit-remaining-requests"] == "0"
 
 
 async def test_quotas_come_back_from_postgres_after_redis_lost_them(database_url: str,

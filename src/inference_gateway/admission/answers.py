@@ -7,13 +7,17 @@ understand ours.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 from inference_gateway.admission.checks import Check
 from inference_gateway.admission.redis_counters import Decision
 from inference_gateway.errors import GatewayError
 
 
+@functools.lru_cache(maxsize=4096)  # a second's requests mostly reset at the same moments
 def duration(ms: float) -> str:
     """A time as OpenAI's rate-limit headers write it: ``120ms``, ``1s``, ``6m0s``."""
     if ms < 1000:
@@ -47,23 +51,55 @@ def refusal(check: Check, decision: Decision) -> GatewayError:
                         headers=headers)
 
 
-def rate_limit_headers(checks: list[Check], decision: Decision) -> dict[str, str]:
+# Per measure, its three header names and the per-minute windows that may give them:
+# (index of the check, limit, the limit as written).
+HeaderPlan = tuple[tuple[tuple[str, str, str], tuple[tuple[int, int, str], ...]], ...]
+
+
+def header_plan(checks: list[Check]) -> HeaderPlan:
+    """Which of a request's checks give its rate-limit headers: worked out once per plan."""
+    plan = []
+    for measure, names in _HEADER_NAMES.items():
+        windows = tuple((i, check.limit, str(check.limit)) for i, check in enumerate(checks)
+                        if check.kind == "window" and check.measure == measure)
+        if windows:
+            plan.append((names, windows))
+    return tuple(plan)
+
+
+class Room(Protocol):
+    """What a counter holds with a request counted, and when it has room again."""
+
+    @property
+    def used(self) -> int: ...
+
+    @property
+    def reset_at(self) -> float: ...  # monotonic seconds
+
+
+class Known(NamedTuple):
+    """A counter as Redis's answer described it."""
+
+    used: int
+    reset_at: float
+
+
+def rate_limit_headers(plan: HeaderPlan, rooms: Sequence[Room], now: float) -> dict[str, str]:
     """OpenAI's rate-limit headers from the tightest per-minute limit of each measure."""
-    tightest: dict[str, tuple[int, int, int]] = {}  # measure → remaining, limit, reset
-    for (kind, measure, _, limit, *_), used, reset in zip(checks, decision.used,
-                                                          decision.resets_ms, strict=True):
-        if kind == "window":
-            remaining = limit - used if used < limit else 0
-            found = tightest.get(measure)
-            if found is None or remaining < found[0]:
-                tightest[measure] = (remaining, limit, reset)
-    found_headers: dict[str, str] = {}
-    for name, (remaining, limit, reset) in tightest.items():
-        limit_name, remaining_name, reset_name = _HEADER_NAMES[name]
-        found_headers[limit_name] = str(limit)
-        found_headers[remaining_name] = str(remaining)
-        found_headers[reset_name] = duration(reset)
-    return found_headers
+    headers: dict[str, str] = {}
+    for (limit_name, remaining_name, reset_name), windows in plan:
+        i, limit, written = windows[0]
+        used = rooms[i].used
+        remaining = limit - used if used < limit else 0
+        for j, other, other_written in windows[1:]:
+            used = rooms[j].used
+            left = other - used if used < other else 0
+            if left < remaining:
+                i, remaining, written = j, left, other_written
+        headers[limit_name] = written
+        headers[remaining_name] = str(remaining)
+        headers[reset_name] = duration(round((rooms[i].reset_at - now) * 1000))
+    return headers
 
 
 _HEADER_NAMES = {measure: (f"x-ratelimit-limit-{measure}", f"x-ratelimit-remaining-{measure}",

@@ -47,7 +47,6 @@ class Check(NamedTuple):  # a tuple: made for every limited request, and cheaply
 
 
 DAY_MS = 86_400_000
-_TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 def estimate(fields: dict[str, object], body_bytes: int, generates: bool,
@@ -57,12 +56,13 @@ def estimate(fields: dict[str, object], body_bytes: int, generates: bool,
     prompt = body_bytes // 4 + 1
     if not generates:
         return prompt, 0, True
-    asked = None
-    for name in _TOKEN_LIMITS:  # the first one given as a number (JSON's true is not one)
-        value = fields.get(name)
-        if value is not None and type(value) is int:
-            asked = value
-            break
+    asked = fields.get("max_tokens")  # the first given as a number (JSON's true is not one)
+    if type(asked) is not int:
+        asked = fields.get("max_completion_tokens")
+        if type(asked) is not int:
+            asked = fields.get("max_output_tokens")
+            if type(asked) is not int:
+                asked = None
     choices = fields.get("n")
     n = choices if type(choices) is int and choices > 0 else 1
     named = asked is not None and asked > 0

@@ -15,22 +15,22 @@ everything, ``closed`` refuses with a 503. Redis is tried again every few second
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NamedTuple
 
 import redis.exceptions
 
-from inference_gateway.admission.answers import rate_limit_headers, refusal
-from inference_gateway.admission.checks import Check, checks_for, estimate
+from inference_gateway.admission.answers import Known, rate_limit_headers, refusal
+from inference_gateway.admission.checks import Check, estimate
 from inference_gateway.admission.leases import Give, Hold, Leases, Places
-from inference_gateway.admission.limits import Limit, LimitBook
+from inference_gateway.admission.limits import LimitBook
 from inference_gateway.admission.local_counters import LocalCounters
+from inference_gateway.admission.plan import Plans, used_by
 from inference_gateway.admission.redis_counters import Decision, RedisCounters, Want
 from inference_gateway.errors import GatewayError
 from inference_gateway.metering.record import UsageRecord
@@ -51,7 +51,7 @@ class Ticket(NamedTuple):
     at_ms: int  # when it was admitted: the second its windows hold it in
     local: bool  # reserved in this process's counters (Redis was away)
     headers: dict[str, str]
-    holds: list[Hold | Places | None] | None = None  # per check, the held room it came from
+    holds: Sequence[Hold | Places | None] | None = None  # per check, the held room it came from
     here: bool = False  # admitted from held room alone, without asking Redis
 
 
@@ -76,32 +76,30 @@ class Admission:
         self._giving: asyncio.TimerHandle | None = None  # when held room is given back next
         self._giving_at = 0.0
         self.refused = 0  # requests refused by a limit, for the metrics
-        self._checks: dict[tuple[int, int, int, bool, int],
-                           tuple[tuple[Limit, ...], list[Check]]] = {}
+        self._plans = Plans(book)
 
     async def admit(self, tenant: Tenant, model: str, fields: dict[str, object],
                     body_bytes: int, generates: bool) -> Ticket | None:
-        limits = self.book.applying(tenant, model)
-        if not limits:
+        if not self.book.limits(tenant.organization_id):
             return None
         prompt, completion, named = estimate(fields, body_bytes, generates, self.cap)
-        checks = self._checks_for(limits, prompt, completion, named)
+        plan = self._plans.get(tenant, model, prompt, completion, named)
+        checks = plan.checks
         if not checks:
             return None
-        ticket = f"{self._tickets_prefix}{next(self._tickets)}"
         if self.leases is not None and not self._redis_back_at:  # from room held, if it can
             for _ in range(4):
                 now = time.monotonic()
-                held = self.leases.take(checks, now)
-                if held is not None:
-                    here, found = held
-                    return Ticket(ticket, checks, here.taken, here.at_ms, False,
-                                  rate_limit_headers(checks, here), found, True)
+                held = self.leases.take(plan, now)
+                if held is not None:  # its ticket is never named in Redis
+                    found, second = held
+                    return Ticket("", checks, plan.costs, second * 1000, False,
+                                  rate_limit_headers(plan.headers, found, now), found, True)
                 pending = self.leases.pending(checks, now)  # room asked for by another
                 if pending is None:
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(pending), self.timeout)
+                await asyncio.wait((pending,), timeout=self.timeout)  # never cancels it
+        ticket = f"{self._tickets_prefix}{next(self._tickets)}"
         try:
             decision, local, holds = await self._decide(checks, ticket)
             if decision is not None and not decision.admitted and self.leases is not None \
@@ -119,23 +117,11 @@ class Admission:
         if not decision.admitted:
             self.refused += 1
             raise refusal(checks[decision.failing], decision)
+        now = time.monotonic()
+        rooms = [Known(used, now + reset / 1000)
+                 for used, reset in zip(decision.used, decision.resets_ms, strict=True)]
         return Ticket(ticket, checks, decision.taken, decision.at_ms, local,
-                      rate_limit_headers(checks, decision), holds)
-
-    def _checks_for(self, limits: tuple[Limit, ...], prompt: int, completion: int,
-                    named: bool) -> list[Check]:
-        """The checks of a request, worked out once a second for requests alike (the same
-        limits and estimates; a quota's time left is then from the second's start)."""
-        second = int(time.time())
-        memo = (id(limits), prompt, completion, named, second)
-        found = self._checks.get(memo)
-        if found is not None and found[0] is limits:
-            return found[1]
-        if len(self._checks) > 1024:
-            self._checks.clear()
-        checks = checks_for(limits, prompt, completion, named=named, now_ms=second * 1000)
-        self._checks[memo] = (limits, checks)  # the limits kept: their id stays theirs
-        return checks
+                      rate_limit_headers(plan.headers, rooms, now), holds)
 
     async def _decide(self, checks: list[Check], ticket: str
                       ) -> tuple[Decision | None, bool, list[Hold | Places | None] | None]:
@@ -196,9 +182,14 @@ class Admission:
         when a connection is open (its answer is awaited in the background); otherwise the
         task is returned for the last bytes to wait for (they do, see ``relay``). Never for
         the request path to fail on."""
-        prompt, completion = record.prompt_tokens, record.completion_tokens
-        actual = [1 if check.measure == "requests" else check.owner.weighted(prompt, completion)
-                  for check in ticket.checks]
+        actual = used_by(ticket.checks, record.prompt_tokens, record.completion_tokens)
+        if ticket.here and self.leases is not None and ticket.holds is not None \
+                and not self.local.held_places:  # the most common: all from room held
+            if self.leases.settle(ticket.holds, ticket.checks, ticket.taken, actual,
+                                  time.monotonic(), True):
+                self._give_soon()
+                self._count()
+            return None
         if not ticket.here:  # what was admitted here reaches them with its room (``_count``)
             self.local.settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken, actual)
         elif self.local.held_places:  # Redis went away while it was under way

@@ -9,18 +9,21 @@ It stays exact: every request is counted in Redis, in the second it was admitted
 uses the room only while Redis's clock is surely still in that second: the grant's time on
 Redis's clock plus what has passed since it was asked for). Spare room is only given out of the
 room beyond half the limit, and shared: at most that divided by twice the number of processes,
-and at most twice what the process admitted from that counter in the last second (of a quota,
-a thousandth of it at most). So no process sits on room others need, and near a limit each
-request goes to Redis and is settled there at once, as without leases.
+and at most twice what the process admitted from that counter in the last second, or four
+times what it admitted in this one (of a quota, a thousandth of it at most). So no process
+sits on room others need, and near a limit each request goes to Redis and is settled there at
+once, as without leases.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from inference_gateway.admission.checks import Check
+from inference_gateway.admission.plan import Plan
 from inference_gateway.admission.redis_counters import CODE, Decision, Want
 
 GRANT_STUCK_SEC = 5.0  # a grant of places with no answer by then is taken as failed
@@ -50,7 +53,7 @@ class Places:
     of its sorted set, ``busy`` of them taken by requests under way."""
 
     __slots__ = ("asked", "busy", "detached", "granting", "held", "here", "key", "name",
-                 "peak", "until")
+                 "peak", "reset_at", "until", "used")
 
     def __init__(self, key: str, name: str) -> None:
         self.key, self.name = key, name
@@ -61,6 +64,8 @@ class Places:
         self.granting = 0.0  # when a grant was asked for, while its answer is to come
         self.asked = 0
         self.detached = False  # a grant failed: how many it holds is not known
+        self.used = 0  # as ``Hold``'s (places give no headers)
+        self.reset_at = 0.0
 
 
 class Give(NamedTuple):
@@ -88,51 +93,54 @@ class Leases:
 
     # -- admitting ----------------------------------------------------------------------------
 
-    def take(self, checks: list[Check],
-             now: float) -> tuple[Decision, list[Hold | Places | None]] | None:
-        """Admit a request from the room held, if every one of its checks has enough."""
+    def take(self, plan: Plan, now: float) -> tuple[list[Hold | Places], int] | None:
+        """Admit a request from the room held, if every one of its checks has enough: where
+        its room came from (what each holds now, for the headers) and the second it counts
+        in. Each counter is moved as it is found to have room, and moved back should a later
+        one have none: that is rare, once per grant at most."""
         holds, places_of = self._holds, self._places
-        found: list[Hold | Places | None] = []
-        for kind, _, key, _, cost, *_ in checks:
-            if kind == "concurrent":
+        found: list[Hold | Places] = []
+        second = 0
+        for key, cost, concurrent in plan.spec:
+            if concurrent:
                 places = places_of.get(key)
                 if places is None or places.until <= now or places.busy >= places.held \
                         or places.granting:
+                    self._untake(found, plan.costs)
                     return None
+                places.busy += 1
+                places.here += 1
+                if places.busy > places.peak:
+                    places.peak = places.busy
                 found.append(places)
             else:
                 hold = holds.get(key)
                 if hold is None or hold.until <= now or hold.room < cost:
+                    self._untake(found, plan.costs)
                     return None
+                hold.room -= cost
+                hold.spent += cost
+                hold.here += cost
+                hold.used += cost
+                second = hold.second
                 found.append(hold)
-        used: list[int] = []
-        resets: list[int] = []
-        taken: list[int] = []
-        second = 0
-        for check, held in zip(checks, found, strict=True):
-            if type(held) is Places:
-                held.busy += 1
-                held.here += 1
-                if held.busy > held.peak:
-                    held.peak = held.busy
-                taken.append(1)
-                used.append(0)
-                resets.append(0)
-            elif type(held) is Hold:
-                cost = check.cost
-                held.room -= cost
-                held.spent += cost
-                held.used += cost
-                held.here += cost
-                second = held.second
-                taken.append(cost)
-                used.append(held.used)
-                reset = int((held.reset_at - now) * 1000)
-                resets.append(reset if reset > 0 else 0)
-        return Decision(True, -1, 0, used, resets, taken, second * 1000), found
+        return found, second
+
+    @staticmethod
+    def _untake(found: list[Hold | Places], costs: list[int]) -> None:
+        for held, cost in zip(found, costs, strict=False):
+            if type(held) is Hold:
+                held.room += cost
+                held.spent -= cost
+                held.here -= cost
+                held.used -= cost
+            elif type(held) is Places:
+                held.busy -= 1
+                held.here -= 1
 
     def wants(self, checks: list[Check], now: float) -> list[Want]:
-        """What to ask Redis for beyond a request: twice the demand of the last second."""
+        """What to ask Redis for beyond a request: twice the demand of the last second, or
+        four times what was admitted in this one when that ran out (a burst)."""
         wants: list[Want] = []
         for check in checks:
             if check.kind == "concurrent":
@@ -147,7 +155,7 @@ class Leases:
                 if places.granting:  # one grant at a time keeps the names in order
                     wants.append(Want(0))
                     continue
-                places.granting, places.asked = now, max(2 * max(places.peak, places.busy), 4)
+                places.granting, places.asked = now, max(2 * places.peak, 4 * places.busy, 4)
                 self._asking[check.key] = now
                 wants.append(Want(places.asked, places.held, places.name))
             else:
@@ -158,7 +166,7 @@ class Leases:
                 hold = self._holds.get(check.key)
                 last = self._demand.get(check.key, (0, 0.0))[0]
                 spent = hold.spent if hold is not None else 0
-                room = max(4 * check.cost, 2 * max(last, spent))
+                room = max(4 * check.cost, 2 * last, 4 * spent)
                 if check.kind == "quota":  # room granted with an answer lost stays counted
                     room = min(room, max(check.cost, check.limit // QUOTA_SPARE_SHARE))
                 wants.append(Want(room))
@@ -238,7 +246,7 @@ class Leases:
 
     # -- settling and giving back ---------------------------------------------------------------
 
-    def settle(self, holds: list[Hold | Places | None], checks: list[Check], taken: list[int],
+    def settle(self, holds: Sequence[Hold | Places | None], checks: list[Check], taken: list[int],
                actual: list[int], now: float, here: bool) -> bool:
         """Settle a request whose room was held (``here``: admitted without Redis); True when
         something is owed to Redis now (rather than when the room's second ends)."""

@@ -64,6 +64,15 @@ class LimitBook:
         self._applying: dict[tuple[str, str, int | None, str], tuple[Limit, ...]] = {}
         self._applying_of: dict[str, tuple[Limit, ...]] | None = None
 
+    @property
+    def version(self) -> object:
+        """Changes (by identity) whenever the limits are reloaded."""
+        return self._by_org
+
+    def limits(self, organization_id: str) -> bool:
+        """Whether any limit names this organization."""
+        return organization_id in self._by_org
+
     def applying(self, tenant: Tenant, model: str) -> tuple[Limit, ...]:
         by_org = self._by_org
         limits = by_org.get(tenant.organization_id)
