@@ -80,7 +80,7 @@ class Admission:
 
     async def admit(self, tenant: Tenant, model: str, fields: dict[str, object],
                     body_bytes: int, generates: bool) -> Ticket | None:
-        if not self.book.limits(tenant.organization_id):
+        if not self.book.limited(tenant.organization_id):
             return None
         prompt, completion, named = estimate(fields, body_bytes, generates, self.cap)
         plan = self._plans.get(tenant, model, prompt, completion, named)

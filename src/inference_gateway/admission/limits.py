@@ -69,7 +69,7 @@ class LimitBook:
         """Changes (by identity) whenever the limits are reloaded."""
         return self._by_org
 
-    def limits(self, organization_id: str) -> bool:
+    def limited(self, organization_id: str) -> bool:
         """Whether any limit names this organization."""
         return organization_id in self._by_org
 
