@@ -69,7 +69,6 @@ def estimate(fields: dict[str, object], body_bytes: int, generates: bool,
     return prompt, min(asked if asked is not None and named else cap, cap) * n, named
 
 
-
 @functools.lru_cache(maxsize=4)
 def _periods(day: int) -> tuple[tuple[str, int], tuple[str, int]]:
     """The day's and the month's name and end, for a UTC day (days since the epoch): worked

@@ -59,10 +59,6 @@ class LimitBook:
 
     def __init__(self) -> None:
         self._by_org: dict[str, tuple[Limit, ...]] = {}
-        # Who and which model → the limits that apply: worked out once per caller, not per
-        # request (and the same tuple each time, which the gate's own memo relies on).
-        self._applying: dict[tuple[str, str, int | None, str], tuple[Limit, ...]] = {}
-        self._applying_of: dict[str, tuple[Limit, ...]] | None = None
 
     @property
     def version(self) -> object:
@@ -74,21 +70,13 @@ class LimitBook:
         return organization_id in self._by_org
 
     def applying(self, tenant: Tenant, model: str) -> tuple[Limit, ...]:
-        by_org = self._by_org
-        limits = by_org.get(tenant.organization_id)
-        if not limits:
-            return ()
-        if self._applying_of is not by_org or len(self._applying) > 4096:
-            self._applying, self._applying_of = {}, by_org
-        who = (tenant.organization_id, tenant.instance_id, tenant.key_id, model)
-        found = self._applying.get(who)
-        if found is None:
-            found = self._applying[who] = tuple(
-                limit for limit in limits
-                if (limit.model is None or limit.model == model)
-                and (limit.instance_id is None or limit.instance_id == tenant.instance_id)
-                and (limit.api_key_id is None or limit.api_key_id == tenant.key_id))
-        return found
+        """The limits of a caller and model (worked out once a second per caller, see
+        ``plan``)."""
+        return tuple(
+            limit for limit in self._by_org.get(tenant.organization_id, ())
+            if (limit.model is None or limit.model == model)
+            and (limit.instance_id is None or limit.instance_id == tenant.instance_id)
+            and (limit.api_key_id is None or limit.api_key_id == tenant.key_id))
 
     def all(self) -> list[Limit]:
         return [limit for limits in self._by_org.values() for limit in limits]
