@@ -455,3 +455,24 @@ def test_a_request_that_does_not_fit_whole_moves_no_counter() -> None:
     assert taken is not None and taken[1] == 7
     assert taken[0] == [holds[rpm.key], holds[tpm.key], places, holds[month.key]]
     assert counters() == [(4, 1, 1, 1), (80, 20, 20, 20), (0, 20, 20, 20), (1, 1)]
+
+
+async def test_thousands_of_places_are_held_and_given_back(redis_url: str) -> None:
+    """A busy process may hold many thousands of places of a concurrency limit: granted and
+    given back in pieces, since a Redis script can pass only 8000 values to one command."""
+    from inference_gateway.admission.checks import checks_for
+    from inference_gateway.admission.redis_counters import RedisCounters, Want
+
+    owner = limit(max_concurrent=1_000_000)
+    counters_ = RedisCounters(redis_url, 1.0)
+    (check,) = checks_for((owner,), 1, 0)
+    try:
+        granted = await counters_.admit([check], "a", wants=[Want(20_000, 0, "p")], share=2)
+        assert granted.admitted and granted.spare == [20_000]
+        assert (await counters(redis_url, owner))["cc"] == 20_001  # p#0 ... p#20000
+        await counters_.give([check.key], "c p 1 20001")  # all but the request's own
+        assert (await counters(redis_url, owner))["cc"] == 1
+        await counters_.give([check.key], "c p 0 1")
+        assert await counters(redis_url, owner) == {}
+    finally:
+        await counters_.close()

@@ -40,6 +40,7 @@ KEEP_QUOTA_MS = 2 * 86_400_000  # a period's counter outlives it, for the reconc
 # refusal in that second can say the room may come back when the second ends. A process's spare
 # places at once are members named <name>#0, <name>#1, ...: <held> of them are held already.
 _ADMIT = """
+local PER_CALL = 2000
 local now = tonumber(ARGV[1])
 if now == 0 then
   local t = redis.call('TIME')
@@ -152,8 +153,11 @@ for i = 0, n - 1 do
       for j = 0, held + spare do
         places[#places + 1] = now + span
         places[#places + 1] = name .. '#' .. j
+        if #places == PER_CALL or j == held + spare then  -- unpack takes 8000 at most
+          redis.call('ZADD', key, unpack(places))
+          places = {}
+        end
       end
-      redis.call('ZADD', key, unpack(places))
     else
       redis.call('ZADD', key, now + span, ticket)
     end
@@ -197,6 +201,7 @@ return 1
 # ("w <second> <change>"), a quota's ("q 0 <change>"), places ("c <name> <from> <to>": the
 # members <name>#from ... <name>#(to - 1)).
 _GIVE = """
+local PER_CALL = 2000
 local spec = {}
 for word in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = tonumber(word) or word end
 for i = 0, #spec / 4 - 1 do
@@ -212,8 +217,13 @@ for i = 0, #spec / 4 - 1 do
     if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, b) end
   else
     local names = {}
-    for j = b, c - 1 do names[#names + 1] = a .. '#' .. j end
-    if #names > 0 then redis.call('ZREM', key, unpack(names)) end
+    for j = b, c - 1 do
+      names[#names + 1] = a .. '#' .. j
+      if #names == PER_CALL or j == c - 1 then  -- unpack takes 8000 at most
+        redis.call('ZREM', key, unpack(names))
+        names = {}
+      end
+    end
   end
 end
 return 1
