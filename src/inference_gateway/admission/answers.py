@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from multidict import istr
+
 from inference_gateway.admission.checks import Check
 from inference_gateway.admission.redis_counters import Decision
 from inference_gateway.errors import GatewayError
@@ -102,5 +104,8 @@ def rate_limit_headers(plan: HeaderPlan, rooms: Sequence[Room], now: float) -> d
     return headers
 
 
-_HEADER_NAMES = {measure: (f"x-ratelimit-limit-{measure}", f"x-ratelimit-remaining-{measure}",
-                           f"x-ratelimit-reset-{measure}") for measure in ("requests", "tokens")}
+# As ``istr``, the names an HTTP server's header map takes without working out their case.
+_HEADER_NAMES = {
+    measure: (istr(f"x-ratelimit-limit-{measure}"), istr(f"x-ratelimit-remaining-{measure}"),
+              istr(f"x-ratelimit-reset-{measure}"))
+    for measure in ("requests", "tokens")}

@@ -18,6 +18,7 @@ from typing import Protocol, cast
 
 import orjson
 from aiohttp import web
+from multidict import istr
 
 from inference_gateway.admission.gate import Admission, Ticket
 from inference_gateway.errors import GatewayError
@@ -55,9 +56,11 @@ from inference_gateway.tenants.tenant import Tenant
 
 log = logging.getLogger(__name__)
 
-CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "X-Request-Id",
+# Header names as ``istr``: aiohttp's header map takes them without working out their case.
+REQUEST_ID: str = istr("X-Request-Id")
+CORS_HEADERS: dict[str, str] = {
+    istr("Access-Control-Allow-Origin"): "*",
+    istr("Access-Control-Expose-Headers"): "X-Request-Id",
 }
 
 
@@ -144,7 +147,7 @@ class ProxyHandler:
         """Answer one ``/v1`` request, whichever server read it."""
         started, started_at = time.monotonic(), time.time()
         request_id = new_request_id()
-        headers = {"X-Request-Id": request_id, **CORS_HEADERS}
+        headers = {REQUEST_ID: request_id, **CORS_HEADERS}
         dialect = dialect_of(request.path)
         for observer in self.observers:
             observer.started()

@@ -19,12 +19,17 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
+from multidict import istr
 
 MAX_HEAD_BYTES = 64 * 1024
 PAUSE_ABOVE = 256 * 1024  # bytes of body waiting for the relay before reading stops
 RESUME_BELOW = 64 * 1024
 # uvicorn, which serves vLLM, closes a connection idle for 5 s; reuse only younger ones.
 MAX_IDLE_SEC = 4.0
+# The header names a model server sends, as read → (as ``istr``, which aiohttp's header map
+# takes without working out its case; lower-case): a server sends the same few every time.
+_NAMES: dict[bytes, tuple[str, str]] = {}
+MAX_NAMES = 256
 
 
 class UpstreamError(Exception):
@@ -160,8 +165,13 @@ class _Connection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_HEAD_BYTES:
             raise httptools.HttpParserError("the response head is too large")
-        key = name.decode("latin-1")
-        lower = key.lower()
+        known = _NAMES.get(name)
+        if known is None:
+            fresh = istr(name.decode("latin-1"))
+            known = fresh, fresh.lower()
+            if len(_NAMES) < MAX_NAMES:
+                _NAMES[name] = known
+        key, lower = known
         if lower == "content-length" or (lower == "transfer-encoding"
                                          and b"chunked" in value.lower()):
             self._delimited = True
