@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from inference_gateway.admission.gate import Admission, Ticket
-from inference_gateway.admission.leases import Hold
+from inference_gateway.admission.held import Hold
 from inference_gateway.admission.limits import Limit, LimitBook
 from inference_gateway.errors import GatewayError
 from inference_gateway.metering.record import UsageRecord
@@ -428,7 +428,8 @@ def test_a_request_that_does_not_fit_whole_moves_no_counter() -> None:
     """Held room is taken counter by counter; one without enough gives back what the ones
     before it took, so that nothing is admitted, or counted, by halves."""
     from inference_gateway.admission.checks import checks_for
-    from inference_gateway.admission.leases import Leases, Places
+    from inference_gateway.admission.held import Places
+    from inference_gateway.admission.leases import Leases
     from inference_gateway.admission.plan import Plan
 
     owner = limit(requests_per_minute=1000, tokens_per_minute=10**6, max_concurrent=10,

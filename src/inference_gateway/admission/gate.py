@@ -27,10 +27,11 @@ import redis.exceptions
 
 from inference_gateway.admission.answers import Known, rate_limit_headers, refusal
 from inference_gateway.admission.checks import Check, estimate
-from inference_gateway.admission.leases import Give, Hold, Leases, Places
+from inference_gateway.admission.held import Give, Hold, Places
+from inference_gateway.admission.leases import Leases
 from inference_gateway.admission.limits import LimitBook
 from inference_gateway.admission.local_counters import LocalCounters
-from inference_gateway.admission.plan import Plans, used_by
+from inference_gateway.admission.plan import Plan, Plans, used_by
 from inference_gateway.admission.redis_counters import Decision, RedisCounters, Want
 from inference_gateway.errors import GatewayError
 from inference_gateway.metering.record import UsageRecord
@@ -53,6 +54,7 @@ class Ticket(NamedTuple):
     headers: dict[str, str]
     holds: Sequence[Hold | Places | None] | None = None  # per check, the held room it came from
     here: bool = False  # admitted from held room alone, without asking Redis
+    plan: Plan | None = None  # of a request admitted from held room alone
 
 
 class Admission:
@@ -94,7 +96,8 @@ class Admission:
                 if held is not None:  # its ticket is never named in Redis
                     found, second = held
                     return Ticket("", checks, plan.costs, second * 1000, False,
-                                  rate_limit_headers(plan.headers, found, now), found, True)
+                                  rate_limit_headers(plan.headers, found, now), found, True,
+                                  plan)
                 pending = self.leases.pending(checks, now)  # room asked for by another
                 if pending is None:
                     break
@@ -182,14 +185,14 @@ class Admission:
         when a connection is open (its answer is awaited in the background); otherwise the
         task is returned for the last bytes to wait for (they do, see ``relay``). Never for
         the request path to fail on."""
-        actual = used_by(ticket.checks, record.prompt_tokens, record.completion_tokens)
-        if ticket.here and self.leases is not None and ticket.holds is not None \
+        if ticket.plan is not None and self.leases is not None and ticket.holds is not None \
                 and not self.local.held_places:  # the most common: all from room held
-            if self.leases.settle(ticket.holds, ticket.checks, ticket.taken, actual,
-                                  time.monotonic(), True):
+            if self.leases.settle_here(ticket.holds, ticket.plan, record.prompt_tokens,
+                                       record.completion_tokens, time.monotonic()):
                 self._give_soon()
                 self._count()
             return None
+        actual = used_by(ticket.checks, record.prompt_tokens, record.completion_tokens)
         if not ticket.here:  # what was admitted here reaches them with its room (``_count``)
             self.local.settle(ticket.checks, ticket.id, ticket.at_ms, ticket.taken, actual)
         elif self.local.held_places:  # Redis went away while it was under way

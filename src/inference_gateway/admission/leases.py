@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import cast
 
 from inference_gateway.admission.checks import Check
+from inference_gateway.admission.held import Give, Hold, Places
 from inference_gateway.admission.plan import Plan
 from inference_gateway.admission.redis_counters import CODE, Decision, Want
 
@@ -30,49 +31,6 @@ GRANT_STUCK_SEC = 5.0  # a grant of places with no answer by then is taken as fa
 # A quota's room held by a process is at most this share of it: should Redis count a grant
 # whose answer never came (it timed out), that room stays counted until the period ends.
 QUOTA_SPARE_SHARE = 1000
-
-
-class Hold:
-    """Spare room of one window or quota, usable until its Redis second ends."""
-
-    __slots__ = ("active", "here", "key", "kind", "reset_at", "room", "second", "spent",
-                 "until", "used")
-
-    def __init__(self, key: str, kind: str, second: int, until: float) -> None:
-        self.key, self.kind, self.second, self.until = key, kind, second, until
-        self.room = 0  # still to admit from; below 0 when settling added more than it had
-        self.used = 0  # the counter's use as last known, for the rate-limit headers
-        self.reset_at = 0.0  # when the window has room again (monotonic seconds)
-        self.spent = 0  # what was admitted from it: the demand its next grant asks for
-        self.here = 0  # what requests admitted from it count, not yet in the local counters
-        self.active = True  # False once its room was given back: settle through Redis
-
-
-class Places:
-    """The places at once a process holds for one counter: members ``name#0 ... name#(held-1)``
-    of its sorted set, ``busy`` of them taken by requests under way."""
-
-    __slots__ = ("asked", "busy", "detached", "granting", "held", "here", "key", "name",
-                 "peak", "reset_at", "until", "used")
-
-    def __init__(self, key: str, name: str) -> None:
-        self.key, self.name = key, name
-        self.held = self.busy = 0
-        self.here = 0  # of the busy ones, admitted without asking Redis
-        self.peak = 0  # the most busy at once lately: the demand its next grant asks for
-        self.until = 0.0  # spare places may be taken until then
-        self.granting = 0.0  # when a grant was asked for, while its answer is to come
-        self.asked = 0
-        self.detached = False  # a grant failed: how many it holds is not known
-        self.used = 0  # as ``Hold``'s (places give no headers)
-        self.reset_at = 0.0
-
-
-class Give(NamedTuple):
-    """Room to give back to Redis (see ``redis_counters._GIVE``)."""
-
-    key: str
-    spec: str
 
 
 class Leases:
@@ -268,12 +226,42 @@ class Leases:
                 if here:
                     held.here += change
             else:
-                owed_key = (check.kind, check.key, held.second)
-                self._owed[owed_key] = self._owed.get(owed_key, 0) + change
+                self._owe(check, held, change, here)
                 owed = True
-                if here and check.kind == "window":
-                    self.counted.append((check.key, held.second, change))
         return owed
+
+    def settle_here(self, holds: Sequence[Hold | Places | None], plan: Plan, prompt: int,
+                    completion: int, now: float) -> bool:
+        """``settle`` for a request admitted from held room alone, the most common: only its
+        places and its tokens move."""
+        owed = False
+        for i in plan.places:
+            places = cast(Places, holds[i])
+            places.busy -= 1
+            places.here -= 1
+            owed = owed or places.detached or places.until <= now
+        owner, tokens = None, 0
+        for i, of in plan.tokens:
+            if of is not owner:
+                owner, tokens = of, of.weighted(prompt, completion)
+            change = tokens - plan.costs[i]
+            if change:
+                hold = cast(Hold, holds[i])
+                if hold.active:
+                    hold.room -= change
+                    hold.used += change
+                    hold.here += change
+                else:
+                    self._owe(plan.checks[i], hold, change, True)
+                    owed = True
+        return owed
+
+    def _owe(self, check: Check, hold: Hold, change: int, here: bool) -> None:
+        """A change to room already given back: owed to Redis."""
+        owed_key = (check.kind, check.key, hold.second)
+        self._owed[owed_key] = self._owed.get(owed_key, 0) + change
+        if here and check.kind == "window":
+            self.counted.append((check.key, hold.second, change))
 
     def pending(self, checks: list[Check], now: float) -> asyncio.Future[None] | None:
         """The answer to room being asked for one of these checks, if one is to come: a

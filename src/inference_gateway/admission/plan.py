@@ -20,12 +20,17 @@ MAX_PLANS = 1024  # callers and estimates in one second; past that the memo star
 class Plan:
     """A request's checks, with what admitting it from held room needs."""
 
-    __slots__ = ("checks", "costs", "headers", "spec")
+    __slots__ = ("checks", "costs", "headers", "places", "spec", "tokens")
 
     def __init__(self, checks: list[Check]) -> None:
         self.checks = checks
         self.costs = [check.cost for check in checks]  # shared by its tickets: never changed
         self.spec = [(check.key, check.cost, check.kind == "concurrent") for check in checks]
+        # What settling from held room moves: places, and tokens (a request costs what it
+        # reserved of every other check).
+        self.places = [i for i, check in enumerate(checks) if check.kind == "concurrent"]
+        self.tokens = [(i, check.owner) for i, check in enumerate(checks)
+                       if check.measure == "tokens"]
         self.headers: HeaderPlan = header_plan(checks)
 
 
