@@ -19,12 +19,15 @@ from inference_gateway.admission.redis_counters import Decision
 from inference_gateway.errors import GatewayError
 
 
-@functools.lru_cache(maxsize=4096)  # a second's requests mostly reset at the same moments
 def duration(ms: float) -> str:
     """A time as OpenAI's rate-limit headers write it: ``120ms``, ``1s``, ``6m0s``."""
     if ms < 1000:
         return f"{max(int(ms), 0)}ms"
-    seconds = math.ceil(ms / 1000)
+    return _seconds(math.ceil(ms / 1000))
+
+
+@functools.lru_cache(maxsize=4096)  # by whole seconds: requests mostly reset within a minute
+def _seconds(seconds: int) -> str:
     minutes, seconds = divmod(seconds, 60)
     return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
@@ -93,11 +96,12 @@ def rate_limit_headers(plan: HeaderPlan, rooms: Sequence[Room], now: float) -> d
         i, limit, written = windows[0]
         used = rooms[i].used
         remaining = limit - used if used < limit else 0
-        for j, other, other_written in windows[1:]:
-            used = rooms[j].used
-            left = other - used if used < other else 0
-            if left < remaining:
-                i, remaining, written = j, left, other_written
+        if len(windows) > 1:  # the tightest of several
+            for j, other, other_written in windows[1:]:
+                used = rooms[j].used
+                left = other - used if used < other else 0
+                if left < remaining:
+                    i, remaining, written = j, left, other_written
         headers[limit_name] = written
         headers[remaining_name] = str(remaining)
         headers[reset_name] = duration(round((rooms[i].reset_at - now) * 1000))
