@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from inference_gateway.metering import spool as spool_module
 from inference_gateway.metering.record import UsageRecord
-from inference_gateway.metering.spool import Spool, decode_line, encode_line, spool_status
+from inference_gateway.metering.spool import Spool, decode_line, encode_line
+from inference_gateway.metering.spool_status import spool_status
 
 
 def record(i: int) -> UsageRecord:
@@ -91,10 +95,9 @@ def test_corrupt_line_is_set_aside_not_blocking(tmp_path: Path) -> None:
     os.write(spool._segments[-1].fd, b"0badc0de {\"broken\": true}\n")
     spool._segments[-1].size += 26
     spool.append(record(1))
-    batch = spool.read_batch(100)
-    assert batch is not None
-    assert [r.prompt_tokens for r in batch.records] == [0, 1]
-    assert len(batch.bad_lines) == 1 and spool.stats.corrupt == 1
+    batches = list(iter(lambda: spool.read_batch(100), None))
+    assert [r.prompt_tokens for batch in batches for r in batch.records] == [0, 1]
+    assert sum(len(batch.bad_lines) for batch in batches) == 1 and spool.stats.corrupt == 1
 
 
 def test_live_owner_keeps_its_segments(tmp_path: Path) -> None:
@@ -153,3 +156,33 @@ def test_sync_handle_only_when_something_was_appended(tmp_path: Path) -> None:
     os.close(handle)
     assert spool.sync_handle() is None
     spool.close()
+
+
+def test_records_just_appended_are_handed_over_as_the_file_has_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer gets a process's own new records without reading them back; a batch it
+    could not write, records past the ones kept, and a replay come from the file, alike."""
+    monkeypatch.setattr(spool_module, "MAX_FRESH", 5)
+    spool = Spool(tmp_path, segment_bytes=1 << 20)
+    spool.open()
+    appended = [record(i) for i in range(8)]
+    for item in appended:
+        spool.append(item)
+    first = spool.read_batch(3)
+    assert first is not None and first.records == appended[:3]
+    assert all(got is sent for got, sent in zip(first.records, appended, strict=False))
+    spool.rewind(first)  # Postgres refused it: read again, from the file
+    again = spool.read_batch(4)
+    assert again is not None and again.records == appended[:4]
+    assert again.records[0] is not appended[0] and again.end_offset > first.end_offset
+    rest = drain(spool)  # one kept in memory (the fifth), then past what was kept
+    assert rest == appended[4:]
+    assert rest[0] is appended[4] and rest[1] is not appended[5]
+    assert not spool.has_pending()
+
+    spool.append(record(8))  # a process that dies before its writer read it
+    spool._segments[-1].active = False
+    os.close(spool._segments[-1].fd)
+    later = Spool(tmp_path, segment_bytes=1 << 20)
+    later.open()
+    assert drain(later) == [record(8)]

@@ -65,7 +65,7 @@ def simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def spool_status(args: argparse.Namespace, settings: Settings) -> int:
-    from inference_gateway.metering.spool import spool_status
+    from inference_gateway.metering.spool_status import spool_status
 
     status = spool_status(settings.spool_dir)
     age = status.oldest_pending_age_sec

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,10 @@ ACK_SUFFIX = ".ack"
 DEAD_LETTER_FILE = "dead-letter.jsonl"
 MAX_RECORD_BYTES = 1024 * 1024
 READ_BYTES_PER_RECORD = 512  # a record line is about 400 bytes
+# Records a process appended and the writer has not read yet, kept to be handed over as they
+# are rather than read back and parsed (most of the writer's work); past this many (Postgres
+# away), the rest is read from the file.
+MAX_FRESH = 4096
 
 
 def encode_line(payload: bytes) -> bytes:
@@ -86,6 +90,7 @@ class Segment:
     read_pos: int
     active: bool  # this process is still appending to it
     ack_fd: int | None = None
+    fresh: deque[tuple[int, int, UsageRecord]] = field(default_factory=deque)  # start, end
 
     @property
     def pending_bytes(self) -> int:
@@ -144,6 +149,8 @@ class Spool:
         if written != len(line):  # disk full: cut the torn tail so the file stays well-formed
             os.ftruncate(active.fd, active.size)
             raise OSError("short write to the usage spool")
+        if len(active.fresh) < MAX_FRESH:
+            active.fresh.append((active.size, active.size + written, record))
         active.size += written
         self.stats.appended += 1
         self._dirty = True
@@ -222,6 +229,11 @@ class Spool:
         return None
 
     def _read(self, segment: Segment, max_records: int) -> Batch:
+        fresh = segment.fresh
+        while fresh and fresh[0][0] < segment.read_pos:  # read from the file already
+            fresh.popleft()
+        if fresh and fresh[0][0] == segment.read_pos:
+            return _read_fresh(segment, max_records)
         left = segment.size - segment.read_pos
         data = os.pread(segment.fd, min(max_records * READ_BYTES_PER_RECORD, left),
                         segment.read_pos)
@@ -325,6 +337,18 @@ class Spool:
         self._active = None
 
 
+def _read_fresh(segment: Segment, max_records: int) -> Batch:
+    """The records just appended from ``read_pos`` on, as they were appended: the same lines
+    the file holds (the file stays what acknowledgements and replays go by)."""
+    batch = Batch(segment, [], segment.read_pos)
+    fresh, records, end = segment.fresh, batch.records, segment.read_pos
+    while fresh and fresh[0][0] == end and len(records) < max_records:
+        _, end, record = fresh.popleft()
+        records.append(record)
+    batch.end_offset = segment.read_pos = end
+    return batch
+
+
 def _close_fds(segment: Segment) -> None:
     os.close(segment.fd)
     if segment.ack_fd is not None:
@@ -334,66 +358,3 @@ def _close_fds(segment: Segment) -> None:
 
 def _json_str(text: str) -> bytes:
     return orjson.dumps(text)
-
-
-@dataclass
-class SpoolStatus:
-    segments: int
-    pending_records: int
-    pending_bytes: int
-    oldest_pending_age_sec: float | None
-    dead_letters: int
-    torn: int
-
-
-def iter_pending_lines(path: Path) -> Iterator[bytes]:
-    """Complete unacknowledged lines of one segment file (for reporting, not draining)."""
-    acked = read_ack(path)
-    with path.open("rb") as f:
-        f.seek(acked)
-        for line in f:
-            if line.endswith(b"\n"):
-                yield line[:-1]
-
-
-def spool_status(directory: Path, now: float | None = None) -> SpoolStatus:
-    """What is waiting in a spool directory, read without disturbing the processes using it."""
-    now = time.time() if now is None else now
-    segments = sorted(directory.glob(f"seg-*{SEGMENT_SUFFIX}")) if directory.exists() else []
-    records = 0
-    pending = 0
-    torn = 0
-    oldest: float | None = None
-    for path in segments:
-        try:
-            size = path.stat().st_size
-            pending += max(size - read_ack(path), 0)
-            last_complete = True
-            for line in iter_pending_lines(path):
-                payload = decode_line(line)
-                if payload is None:
-                    continue
-                records += 1
-                if oldest is None:
-                    with contextlib.suppress(ValueError, TypeError):
-                        oldest = UsageRecord.from_json(payload).completed_at
-            with path.open("rb") as f:
-                if size:
-                    f.seek(size - 1)
-                    last_complete = f.read(1) == b"\n"
-            torn += 0 if last_complete else 1
-        except FileNotFoundError:
-            continue
-    dead = 0
-    dead_path = directory / DEAD_LETTER_FILE
-    if dead_path.exists():
-        with dead_path.open("rb") as f:
-            dead = sum(1 for _ in f)
-    return SpoolStatus(
-        segments=len(segments),
-        pending_records=records,
-        pending_bytes=pending,
-        oldest_pending_age_sec=None if oldest is None else max(now - oldest, 0.0),
-        dead_letters=dead,
-        torn=torn,
-    )
