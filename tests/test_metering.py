@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from inference_gateway.metering import meter as meter_module
 from inference_gateway.metering.meter import Meter
-from inference_gateway.metering.record import UsageRecord
+from inference_gateway.metering.record import UsageRecord, new_request_id
 from inference_gateway.metering.spool import DEAD_LETTER_FILE, encode_line
 from inference_gateway.metering.writer import WriteResult
 from inference_gateway.settings import load_settings
@@ -262,3 +264,21 @@ async def test_spill_policy_refuses_only_under_the_disk_floor(tmp_path: Path) ->
     await meter.start()
     assert not meter.accepting()
     await meter.close()
+
+
+def test_request_ids_are_random_uuids_and_a_forked_worker_has_its_own() -> None:
+    ids = [new_request_id() for _ in range(1000)]  # more than one fetch of random bytes
+    assert len(set(ids)) == 1000
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122
+               and str(uuid.UUID(i)) == i for i in ids)
+    new_request_id()  # bytes are fetched and not all used: a child must not reuse them
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    theirs = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert theirs not in {new_request_id() for _ in range(300)}
