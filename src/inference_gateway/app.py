@@ -188,6 +188,10 @@ def create_app(settings: Settings, meter: Meter | None = None) -> web.Applicatio
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(gateway.lifespan)
     portal_api.add_routes(app, settings)  # the usage API and /dashboard, before the catch-alls
+    # The forwarded endpoints by their paths first: aiohttp finds a plain path in one lookup,
+    # before it tries the patterns below one by one.
+    for method, path in gateway.proxy.endpoints.exact:
+        app.router.add_route(method, path, gateway.proxy.handle)
     # aiohttp looks routes up by their first path segment: /v1 needs its own pre-flight route.
     app.router.add_route("OPTIONS", "/v1/{tail:.*}", gateway.preflight)
     app.router.add_get("/v1/models", gateway.models)

@@ -98,6 +98,7 @@ class EndpointTable:
         self._by_id = {(e.method, e.path.replace(RESPONSE_ID, "", 1)): e
                        for e in chosen if RESPONSE_ID in e.path}
         self.paths = tuple(e.path for e in chosen)
+        self.exact = tuple(self._exact)  # (method, path) of those without a response id
 
     def match(self, method: str, path: str) -> tuple[Endpoint, str | None] | None:
         """The endpoint for a request and the response id its path names, or None."""
