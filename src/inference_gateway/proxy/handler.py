@@ -64,7 +64,7 @@ CORS_HEADERS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made; not frozen: 1.8 us to make, plain 0.25
 class Context:
     """What the usage record needs to know besides the outcome."""
 

@@ -30,7 +30,7 @@ class Caps:
     max_tokens: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made; not frozen: 1.0 us to make, plain 0.2
 class Payload:
     model: str
     stream: bool

@@ -81,7 +81,7 @@ class Target(Protocol):
     def finish(self, failure: str | None) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made; not frozen: 1.4 us to make, plain 0.2
 class Exchange:
     """One request to forward, as the handler prepared it."""
 
