@@ -186,3 +186,19 @@ def test_records_just_appended_are_handed_over_as_the_file_has_them(
     later = Spool(tmp_path, segment_bytes=1 << 20)
     later.open()
     assert drain(later) == [record(8)]
+
+
+def test_records_kept_are_read_at_once_and_the_file_in_slices(tmp_path: Path) -> None:
+    """Parsing the file takes time, so the writer reads it a slice at a time; records handed
+    over as they were appended are taken all at once."""
+    spool = Spool(tmp_path, segment_bytes=1 << 20)
+    spool.open()
+    for i in range(100):
+        spool.append(record(i))
+    kept = spool.read_batch(1000, 16)
+    assert kept is not None and kept.kept and len(kept.records) == 100
+    spool.rewind(kept)
+    from_file = spool.read_batch(1000, 16)
+    assert from_file is not None and not from_file.kept and len(from_file.records) == 16
+    fewer = spool.read_batch(5, 16)  # and never more than asked for
+    assert fewer is not None and len(fewer.records) == 5

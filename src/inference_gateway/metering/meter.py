@@ -203,21 +203,23 @@ class Meter:
             self.health.last_error = None
 
     async def _read_batches(self) -> tuple[list[Batch], int]:
-        """Up to ``USAGE_BATCH_SIZE`` lines, read in slices with a yield between them, and how
-        many lines that was (records and unreadable ones).
-
-        Parsing a thousand records takes milliseconds; doing it in one go would hold up every
-        request this process is serving for that long.
+        """Up to ``USAGE_BATCH_SIZE`` lines, and how many lines that was (records and
+        unreadable ones). What is read from the file is parsed in slices with a yield between
+        them: parsing a thousand records takes milliseconds, and doing it in one go would hold
+        up every request this process is serving for that long. Records handed over as they
+        were appended are taken at once: a yield under load waits for every request ready to
+        run, and one per slice kept a busy worker's writer behind its requests.
         """
         batches: list[Batch] = []
         count = 0
         while count < self._batch_size:
-            batch = self.spool.read_batch(min(PACE_ROWS, self._batch_size - count))
+            batch = self.spool.read_batch(self._batch_size - count, PACE_ROWS)
             if batch is None:
                 break
             batches.append(batch)
             count += len(batch.records) + len(batch.bad_lines)
-            await asyncio.sleep(0)
+            if not batch.kept:
+                await asyncio.sleep(0)
         return batches, count
 
     def _settle(self, batches: list[Batch], result: WriteResult | None) -> None:

@@ -36,8 +36,8 @@ MAX_RECORD_BYTES = 1024 * 1024
 READ_BYTES_PER_RECORD = 512  # a record line is about 400 bytes
 # Records a process appended and the writer has not read yet, kept to be handed over as they
 # are rather than read back and parsed (most of the writer's work); past this many (Postgres
-# away), the rest is read from the file.
-MAX_FRESH = 4096
+# away, or behind), the rest is read from the file. About 540 bytes each: 9 MB at most.
+MAX_FRESH = 16384
 
 
 def encode_line(payload: bytes) -> bytes:
@@ -103,6 +103,7 @@ class Batch:
     records: list[UsageRecord]
     end_offset: int
     bad_lines: list[bytes] = field(default_factory=list)
+    kept: bool = False  # handed over as appended, not read from the file
 
 
 @dataclass
@@ -220,20 +221,21 @@ class Spool:
 
     # -- draining (writer) ----------------------------------------------------------------------
 
-    def read_batch(self, max_records: int) -> Batch | None:
-        """The next run of unacknowledged records from the oldest segment that has any."""
+    def read_batch(self, max_records: int, max_parsed: int | None = None) -> Batch | None:
+        """The next run of unacknowledged records from the oldest segment that has any; at
+        most ``max_parsed`` of them read from the file (parsing them takes time)."""
         for segment in self._segments:
             if segment.read_pos >= segment.size:
                 continue
-            return self._read(segment, max_records)
+            fresh = segment.fresh
+            while fresh and fresh[0][0] < segment.read_pos:  # read from the file already
+                fresh.popleft()
+            if fresh and fresh[0][0] == segment.read_pos:
+                return _read_fresh(segment, max_records)
+            return self._read(segment, min(max_records, max_parsed or max_records))
         return None
 
     def _read(self, segment: Segment, max_records: int) -> Batch:
-        fresh = segment.fresh
-        while fresh and fresh[0][0] < segment.read_pos:  # read from the file already
-            fresh.popleft()
-        if fresh and fresh[0][0] == segment.read_pos:
-            return _read_fresh(segment, max_records)
         left = segment.size - segment.read_pos
         data = os.pread(segment.fd, min(max_records * READ_BYTES_PER_RECORD, left),
                         segment.read_pos)
@@ -340,7 +342,7 @@ class Spool:
 def _read_fresh(segment: Segment, max_records: int) -> Batch:
     """The records just appended from ``read_pos`` on, as they were appended: the same lines
     the file holds (the file stays what acknowledgements and replays go by)."""
-    batch = Batch(segment, [], segment.read_pos)
+    batch = Batch(segment, [], segment.read_pos, kept=True)
     fresh, records, end = segment.fresh, batch.records, segment.read_pos
     while fresh and fresh[0][0] == end and len(records) < max_records:
         _, end, record = fresh.popleft()
