@@ -53,8 +53,12 @@ class Ticket(NamedTuple):
     local: bool  # reserved in this process's counters (Redis was away)
     headers: dict[str, str]
     holds: Sequence[Hold | Places | None] | None = None  # per check, the held room it came from
-    here: bool = False  # admitted from held room alone, without asking Redis
     plan: Plan | None = None  # of a request admitted from held room alone
+
+    @property
+    def here(self) -> bool:
+        """Admitted from held room alone, without asking Redis."""
+        return self.plan is not None
 
 
 class Admission:
@@ -96,8 +100,7 @@ class Admission:
                 if held is not None:  # its ticket is never named in Redis
                     found, second = held
                     return Ticket("", checks, plan.costs, second * 1000, False,
-                                  rate_limit_headers(plan.headers, found, now), found, True,
-                                  plan)
+                                  rate_limit_headers(plan.headers, found, now), found, plan)
                 pending = self.leases.pending(checks, now)  # room asked for by another
                 if pending is None:
                     break
