@@ -44,6 +44,7 @@ from inference_gateway.proxy.relay import (
     Outcome,
     Pending,
     Relay,
+    Whole,
     aiohttp_stream,
 )
 from inference_gateway.proxy.sse import StreamFilter
@@ -141,6 +142,8 @@ class ProxyHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp route."""
         answer = await self.serve(request, functools.partial(aiohttp_stream, request))
+        if isinstance(answer, Whole):
+            return answer.for_aiohttp()
         return cast(web.StreamResponse, answer)  # a stream it opened is aiohttp's own
 
     async def serve(self, request: Incoming, open_stream: OpenStream) -> Answer:

@@ -66,6 +66,14 @@ class Response:
         return None
 
     async def read(self) -> bytes:
+        conn = self._conn
+        if self._complete and self._error is None and conn is not None:  # it came in whole
+            body = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            conn.resume()
+            self.release()
+            return body
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -125,6 +133,7 @@ class _Connection(asyncio.Protocol):
         self._response: Response | None = None
         self._reason = b""
         self._headers: list[tuple[str, str]] = []
+        self._content_type = ""  # the answer's, without parameters, lower-case
         self._head_bytes = 0
         self._delimited = False  # the body's end is known from its framing, not the close
 
@@ -172,21 +181,20 @@ class _Connection(asyncio.Protocol):
             if len(_NAMES) < MAX_NAMES:
                 _NAMES[name] = known
         key, lower = known
+        text = value.decode("latin-1")
         if lower == "content-length" or (lower == "transfer-encoding"
                                          and b"chunked" in value.lower()):
             self._delimited = True
-        self._headers.append((key, value.decode("latin-1")))
+        elif lower == "content-type":
+            self._content_type = text.split(";", 1)[0].strip().lower()
+        self._headers.append((key, text))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status in (204, 304) or 100 <= status < 200:
             self._delimited = True
-        content_type = ""
-        for key, value in self._headers:
-            if key.lower() == "content-type":
-                content_type = value.split(";", 1)[0].strip().lower()
         self._response = Response(status, self._reason.decode("latin-1").strip(),
-                                  self._headers, content_type, self)
+                                  self._headers, self._content_type, self)
         if self._head is not None and not self._head.done():
             self._head.set_result(self._response)
 
@@ -208,7 +216,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes) -> asyncio.Future[Response]:
         """Write a request; the future resolves with the answer's head."""
         assert self.transport is not None
-        self._reason, self._headers, self._head_bytes = b"", [], 0
+        self._reason, self._headers, self._head_bytes, self._content_type = b"", [], 0, ""
         self._delimited, self._response, self.got_bytes = False, None, False
         self._head = asyncio.get_running_loop().create_future()
         self.transport.write(head + body if len(body) < 65536 else head)

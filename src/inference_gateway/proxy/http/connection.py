@@ -29,6 +29,7 @@ from aiohttp import web
 from inference_gateway.errors import GatewayError
 from inference_gateway.proxy.http.request import Request, is_chunked, rewritten_head
 from inference_gateway.proxy.http.response import StreamOut, head, plain, whole
+from inference_gateway.proxy.relay import Whole
 
 if TYPE_CHECKING:
     from inference_gateway.proxy.http.core import ServerCore
@@ -204,7 +205,7 @@ class Connection(asyncio.Protocol):
                 close = self._must_close(request)
                 stream = request.stream
                 if stream is None:
-                    self._write(whole(cast(web.Response, answer), close=close))
+                    self._write(whole(cast(Whole | web.Response, answer), close=close))
                 elif not stream.ended:  # the answer broke off: its end cannot be told
                     close = True
                 self.queue.popleft()

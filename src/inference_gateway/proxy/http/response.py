@@ -11,6 +11,8 @@ from typing import Protocol, cast
 
 from aiohttp import web
 
+from inference_gateway.proxy.relay import Whole
+
 REASONS = {status.value: status.phrase for status in HTTPStatus}
 _SKIP = frozenset({"content-length", "transfer-encoding", "connection"})
 
@@ -43,23 +45,32 @@ CLOCK = Clock()
 
 def head(status: int, reason: str | None, headers: Iterable[tuple[str, str]], *,
          length: int | None, chunked: bool, close: bool) -> bytes:
-    """A response head; ``length`` None and not ``chunked``: the body ends with the connection."""
-    lines = [f"HTTP/1.1 {status} {reason or REASONS.get(status, 'Unknown')}\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in headers if name.lower() not in _SKIP]
+    """A response head; ``length`` None and not ``chunked``: the body ends with the connection.
+
+    ``headers`` must leave out the framing ones (length, transfer encoding, connection), which
+    are written here: the relay's are without them already.
+    """
+    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
     if length is not None:
-        lines.append(f"Content-Length: {length}\r\n")
-    elif chunked:
-        lines.append("Transfer-Encoding: chunked\r\n")
+        framing = b"Content-Length: %d\r\n" % length
+    else:
+        framing = b"Transfer-Encoding: chunked\r\n" if chunked else b""
     if close:
-        lines.append("Connection: close\r\n")
-    return "".join(lines).encode("latin-1") + b"Date: " + CLOCK.date() + b"\r\n\r\n"
+        framing += b"Connection: close\r\n"
+    return b"HTTP/1.1 %d %b\r\n%b%bDate: %b\r\n\r\n" % (
+        status, (reason or REASONS.get(status, "Unknown")).encode("latin-1"),
+        lines.encode("latin-1"), framing, CLOCK.date())
 
 
-def whole(response: web.Response, *, close: bool, with_body: bool = True) -> bytes:
-    """An aiohttp ``Response`` as bytes (the handler builds those for every whole answer)."""
-    body = cast(bytes, response.body or b"")
-    return head(response.status, response.reason, response.headers.items(), length=len(body),
-                chunked=False, close=close) + (body if with_body else b"")
+def whole(answer: Whole | web.Response, *, close: bool) -> bytes:
+    """A whole answer as bytes: the relay's as it is, or one the gateway made with aiohttp."""
+    if isinstance(answer, Whole):
+        status, reason, headers, body = answer.status, answer.reason, answer.headers, answer.body
+    else:
+        status, reason, body = answer.status, answer.reason, cast(bytes, answer.body or b"")
+        headers = [(name, value) for name, value in answer.headers.items()
+                   if name.lower() not in _SKIP]
+    return head(status, reason, headers, length=len(body), chunked=False, close=close) + body
 
 
 def plain(status: int, text: str) -> bytes:
