@@ -4,11 +4,12 @@
 
 Targets, all on 127.0.0.1, in front of the same fixed nginx backend (bench/nginx/backend.conf):
   nginx hop     nginx as a keep-alive reverse proxy: the yardstick
-  aiohttp       ``inference-gateway serve`` with HTTP_CORE=aiohttp: tenant headers, metering
-                into the dev Postgres (scratch database bench_server_core), metrics on
-  protocol      ``inference-gateway serve`` with HTTP_CORE=protocol (the default): the same
-                gateway, handler, relay, pools, meter and observers, behind the
-                asyncio.Protocol core over llhttp (proxy/http)
+  aiohttp       ``inference-gateway serve`` with HTTP_CORE=aiohttp (the default): tenant
+                headers, metering into the dev Postgres (scratch database bench_server_core),
+                metrics on
+  protocol      ``inference-gateway serve`` with HTTP_CORE=protocol: the same gateway, handler,
+                relay, pools, meter and observers, behind the asyncio.Protocol core over llhttp
+                (proxy/http)
   uvicorn       bench/server_core_asgi.py: uvicorn (httptools, uvloop) and a bare ASGI app that
                 forwards through the gateway's upstream client; no tenant, no metering
 The gateway targets run with one worker and with two. Each round measures every target at

@@ -1,6 +1,5 @@
-"""The gateway as it runs with ``HTTP_CORE=aiohttp``, aiohttp's server on ``/v1`` instead of the
-gateway's own core (the default, which every other gateway of the suite runs on): the same
-answers and the same records, through the openai SDK, with two workers on one port."""
+"""The gateway as it runs with ``HTTP_CORE=protocol``: the same answers and the same records as
+with aiohttp's server, through the openai SDK, with two workers on one port."""
 
 from __future__ import annotations
 
@@ -21,8 +20,8 @@ MODEL = "facebook/opt-125m"
 
 
 @pytest.fixture(scope="module")
-def aiohttp_gateway(session_tmp: Path, database_url: str, simulator: Proc) -> Iterator[Proc]:
-    proc = start_gateway(session_tmp, database_url, simulator.url, HTTP_CORE="aiohttp",
+def protocol_gateway(session_tmp: Path, database_url: str, simulator: Proc) -> Iterator[Proc]:
+    proc = start_gateway(session_tmp, database_url, simulator.url, HTTP_CORE="protocol",
                          WEBSERVER_WORKERS="2", MAX_REQUEST_BODY_BYTES="4096")
     yield proc
     proc.stop()
@@ -34,9 +33,9 @@ def sdk(gateway: Proc, tenant: tuple[str, str]) -> openai.OpenAI:
                                           "X-TEMBO-INSTANCE": tenant[1]})
 
 
-def test_requests_are_answered_and_metered(aiohttp_gateway: Proc, database_url: str,
+def test_requests_are_answered_and_metered(protocol_gateway: Proc, database_url: str,
                                            tenant: tuple[str, str]) -> None:
-    client = sdk(aiohttp_gateway, tenant)
+    client = sdk(protocol_gateway, tenant)
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=5)
     answer = raw.parse()
@@ -58,22 +57,22 @@ def test_requests_are_answered_and_metered(aiohttp_gateway: Proc, database_url: 
         ("/v1/completions", usage.prompt_tokens, usage.completion_tokens, True)])
 
 
-def test_the_rest_of_the_port_is_still_served(aiohttp_gateway: Proc) -> None:
-    with urllib.request.urlopen(f"{aiohttp_gateway.url}/lively", timeout=10) as resp:
+def test_the_rest_of_the_port_is_still_served(protocol_gateway: Proc) -> None:
+    with urllib.request.urlopen(f"{protocol_gateway.url}/lively", timeout=10) as resp:
         assert resp.status == 200
-    with urllib.request.urlopen(f"{aiohttp_gateway.url}/v1/models", timeout=10) as resp:
+    with urllib.request.urlopen(f"{protocol_gateway.url}/v1/models", timeout=10) as resp:
         assert MODEL in [m["id"] for m in json.loads(resp.read())["data"]]
-    with urllib.request.urlopen(f"{aiohttp_gateway.url}/metrics", timeout=10) as resp:
+    with urllib.request.urlopen(f"{protocol_gateway.url}/metrics", timeout=10) as resp:
         assert b"gateway_requests_total" in resp.read()
 
 
-def test_errors_keep_their_shape(aiohttp_gateway: Proc, tenant: tuple[str, str]) -> None:
-    client = sdk(aiohttp_gateway, tenant)
+def test_errors_keep_their_shape(protocol_gateway: Proc, tenant: tuple[str, str]) -> None:
+    client = sdk(protocol_gateway, tenant)
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
     request = urllib.request.Request(
-        f"{aiohttp_gateway.url}/v1/completions", method="POST",
+        f"{protocol_gateway.url}/v1/completions", method="POST",
         data=json.dumps({"model": MODEL, "prompt": "a" * 5000}).encode(),
         headers={"Content-Type": "application/json", "X-TEMBO-ORG": tenant[0],
                  "X-TEMBO-INSTANCE": tenant[1]})
@@ -82,11 +81,11 @@ def test_errors_keep_their_shape(aiohttp_gateway: Proc, tenant: tuple[str, str])
     assert too_large.value.code == 413
     assert json.loads(too_large.value.read())["error"]["code"] == "request_too_large"
     # Bytes that are not HTTP get a plain 400 and a closed connection, never a crash.
-    with socket.create_connection(("127.0.0.1", aiohttp_gateway.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", protocol_gateway.port), timeout=10) as sock:
         sock.sendall(b"P\x00ST /v1/completions HTTP/1.1\r\n\r\n")
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
-    assert answer.split(b" ", 2)[1] == b"400"  # aiohttp answers these as HTTP/1.0
-    with urllib.request.urlopen(f"{aiohttp_gateway.url}/lively", timeout=10) as resp:
+    assert answer.startswith(b"HTTP/1.1 400")
+    with urllib.request.urlopen(f"{protocol_gateway.url}/lively", timeout=10) as resp:
         assert resp.status == 200  # both workers still serve

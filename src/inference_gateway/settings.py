@@ -116,11 +116,10 @@ class Settings(BaseSettings):
     webserver_host: str = "0.0.0.0"
     webserver_port: int = Field(default=8080, ge=1, le=65535)
     webserver_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
-    # What serves the forwarded /v1 endpoints: the protocol-level core (proxy/http), 1.5-1.6x
-    # aiohttp's requests per second at 32 connections with every feature on, or aiohttp's
-    # server (docs/performance.md, "The server core"). The rest of the port is aiohttp's
-    # either way.
-    http_core: Literal["aiohttp", "protocol"] = "protocol"
+    # What serves the forwarded /v1 endpoints: aiohttp's server, or the protocol-level core
+    # (proxy/http), which measured short of the 1.5x that would make it the default
+    # (docs/performance.md, "The server core"). The rest of the port is aiohttp's either way.
+    http_core: Literal["aiohttp", "protocol"] = "aiohttp"
 
     org_auth_enabled: bool = False
     org_auth_cache_refresh_interval_sec: float = Field(default=10.0, gt=0)

@@ -1,11 +1,11 @@
 """An HTTP/1.1 server core for the ``/v1`` path: an ``asyncio.Protocol`` over llhttp.
 
-The default (``HTTP_CORE=protocol``; ``aiohttp`` serves ``/v1`` with aiohttp's server instead).
-It parses requests with ``httptools`` (llhttp, the parser Node uses) and hands each one for a
-forwarded endpoint straight to ``ProxyHandler.serve``, with no request or response object of a
-framework in between: with every feature of the gateway on, 1.5-1.6x aiohttp's requests per
-second at 32 connections and about 40% less CPU per request (docs/performance.md, "The server
-core"). Everything else on the port (probes,
+Opt-in (``HTTP_CORE=protocol``). It parses requests with ``httptools`` (llhttp, the parser Node
+uses) and hands each one for a forwarded endpoint straight to ``ProxyHandler.serve``, which
+saves 55-100 µs of CPU per request against aiohttp's server; with every feature of the gateway
+on that is 1.3-1.6x the requests per second at 32 connections (about 1.4x over all the rounds
+measured), short of the 1.5x that would make it the default
+(docs/performance.md, "The server core"). Everything else on the port (probes,
 ``/metrics``, the usage API and the dashboard, ``/v1/models``) stays with the aiohttp
 application, in the same process: see ``connection`` for how a connection is handed over.
 
