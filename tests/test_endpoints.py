@@ -68,7 +68,7 @@ def test_messages_speak_anthropic() -> None:
     ("/v1/../../etc/passwd", False), ("/v1/chat/./completions", False),
     ("/v1/chat%2fcompletions", False), ("/v1/chat%2Fcompletions", False),
     ("/v1/%2e%2e/x", False), ("/v1\\chat", False), ("/v1/chat/completions/..", False),
-    ("/v1/models?x=..", True),
+    ("/v1/models?x=..", True), ("/v1/.well-known", True), ("./v1/chat", False),
 ])
 def test_plain_paths(raw: str, plain: bool) -> None:
     from inference_gateway.proxy.endpoints import is_normal

@@ -57,6 +57,30 @@ async def test_content_length_and_keep_alive(serve) -> None:  # type: ignore[no-
     pool.close()
 
 
+async def test_each_request_has_its_own_head(serve) -> None:  # type: ignore[no-untyped-def]
+    """Heads of requests alike are kept less their length: each still says its own."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = (await read_request(reader)).split(b"\r\n\r\n", 1)[0]
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(head), head))
+
+    pool = Pool(await serve(handler), 1, 5)
+    json_headers, other = [("Content-Type", "application/json")], [("X-Other", "1")]
+    sent = [("/v1/a", b"{}", json_headers), ("/v1/a", b'{"n": 10}', json_headers),
+            ("/v1/a", b"{}", other), ("/v1/b?q=1", b"{}", json_headers)]
+    for path, body, headers in sent * 2:
+        head = await (await pool.post(path, body, headers)).read()
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"POST %s HTTP/1.1" % path.encode()
+        assert b"Content-Length: %d" % len(body) in lines
+        assert [b"%s: %s" % (k.encode(), v.encode()) for k, v in headers] == lines[3:]
+    pool.close()
+
+
 async def test_chunked_stream_arrives_chunk_by_chunk(serve) -> None:  # type: ignore[no-untyped-def]
     release = asyncio.Event()
 

@@ -69,6 +69,8 @@ def is_normal(raw_path: str) -> bool:
     would otherwise be taken for another path than the client wrote.
     """
     path = raw_path.partition("?")[0]
+    if path[:1] == "/" and "/." not in path and "%" not in path and "\\" not in path:
+        return True  # every segment follows a slash: none is a dot segment, nothing encoded
     lowered = path.lower()
     if "%2f" in lowered or "%5c" in lowered or "%2e" in lowered or "\\" in path:
         return False
