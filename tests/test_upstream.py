@@ -81,6 +81,26 @@ async def test_each_request_has_its_own_head(serve) -> None:  # type: ignore[no-
     pool.close()
 
 
+async def test_hop_by_hop_headers_are_set_apart(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nServer: uvicorn\r\nDate: Wed, 02 Dec 2026 10:00:00 "
+                         b"GMT\r\nContent-Type: application/json\r\nKeep-Alive: timeout=5\r\n"
+                         b"X-Request-Id: abc\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"2\r\n{}\r\n0\r\n\r\n")
+
+    pool = Pool(await serve(handler), 1, 5)
+    for _ in range(2):  # the names are known the second time
+        answer = await pool.post("/v1/x", b"{}", [])
+        assert [name for name, _ in answer.headers] == [
+            "Server", "Date", "Content-Type", "Keep-Alive", "X-Request-Id", "Transfer-Encoding"]
+        assert answer.end_to_end == [("Content-Type", "application/json"),
+                                     ("X-Request-Id", "abc")]
+        assert await answer.read() == b"{}"
+    pool.close()
+
+
 async def test_chunked_stream_arrives_chunk_by_chunk(serve) -> None:  # type: ignore[no-untyped-def]
     release = asyncio.Event()
 

@@ -28,14 +28,6 @@ from inference_gateway.proxy.sse import StreamFilter
 from inference_gateway.proxy.trace_context import TraceIds
 from inference_gateway.proxy.upstream import Pool, Response, UpstreamError, UpstreamTimeout
 
-# Response headers that describe one hop's connection, not the response itself.
-_HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Content-Encoding",
-        "Date", "Server", "Proxy-Authenticate", "Trailer", "Upgrade",
-    )
-)
 REQUEST_HEADERS = [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
 CLIENT_CLOSED = 499  # as nginx logs a request whose client went away before the answer
 
@@ -134,9 +126,7 @@ class Outcome:
 
 
 def _copy_headers(upstream: Response, extra: dict[str, str]) -> list[tuple[str, str]]:
-    headers = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP_BY_HOP]
-    headers.extend(extra.items())
-    return headers
+    return [*upstream.end_to_end, *extra.items()]
 
 
 def _failure(exc: UpstreamError) -> tuple[int, str, str]:

@@ -26,9 +26,15 @@ PAUSE_ABOVE = 256 * 1024  # bytes of body waiting for the relay before reading s
 RESUME_BELOW = 64 * 1024
 # uvicorn, which serves vLLM, closes a connection idle for 5 s; reuse only younger ones.
 MAX_IDLE_SEC = 4.0
+# Answer headers that describe one hop's connection, not the answer itself: never relayed.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
+    "date", "server", "proxy-authenticate", "trailer", "upgrade",
+})
 # The header names a model server sends, as read → (as ``istr``, which aiohttp's header map
-# takes without working out its case; lower-case): a server sends the same few every time.
-_NAMES: dict[bytes, tuple[str, str]] = {}
+# takes without working out its case; lower-case; whether it is relayed): a server sends the
+# same few every time.
+_NAMES: dict[bytes, tuple[str, str, bool]] = {}
 MAX_NAMES = 256
 MAX_HEADS = 64  # request heads kept by a pool, less their length (see ``Pool._head``)
 
@@ -52,6 +58,7 @@ class Response:
     status: int
     reason: str
     headers: list[tuple[str, str]]
+    end_to_end: list[tuple[str, str]]  # the headers without the hop-by-hop ones
     content_type: str
     _conn: _Connection | None
     _chunks: deque[bytes] = field(default_factory=deque)
@@ -134,6 +141,7 @@ class _Connection(asyncio.Protocol):
         self._response: Response | None = None
         self._reason = b""
         self._headers: list[tuple[str, str]] = []
+        self._end_to_end: list[tuple[str, str]] = []
         self._content_type = ""  # the answer's, without parameters, lower-case
         self._head_bytes = 0
         self._delimited = False  # the body's end is known from its framing, not the close
@@ -178,11 +186,13 @@ class _Connection(asyncio.Protocol):
         known = _NAMES.get(name)
         if known is None:
             fresh = istr(name.decode("latin-1"))
-            known = fresh, fresh.lower()
+            known = fresh, fresh.lower(), fresh.lower() not in HOP_BY_HOP
             if len(_NAMES) < MAX_NAMES:
                 _NAMES[name] = known
-        key, lower = known
+        key, lower, relayed = known
         text = value.decode("latin-1")
+        if relayed:
+            self._end_to_end.append((key, text))
         if lower == "content-length" or (lower == "transfer-encoding"
                                          and b"chunked" in value.lower()):
             self._delimited = True
@@ -195,7 +205,7 @@ class _Connection(asyncio.Protocol):
         if status in (204, 304) or 100 <= status < 200:
             self._delimited = True
         self._response = Response(status, self._reason.decode("latin-1").strip(),
-                                  self._headers, self._content_type, self)
+                                  self._headers, self._end_to_end, self._content_type, self)
         if self._head is not None and not self._head.done():
             self._head.set_result(self._response)
 
@@ -217,7 +227,8 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes) -> asyncio.Future[Response]:
         """Write a request; the future resolves with the answer's head."""
         assert self.transport is not None
-        self._reason, self._headers, self._head_bytes, self._content_type = b"", [], 0, ""
+        self._reason, self._headers, self._end_to_end = b"", [], []
+        self._head_bytes, self._content_type = 0, ""
         self._delimited, self._response, self.got_bytes = False, None, False
         self._head = asyncio.get_running_loop().create_future()
         self.transport.write(head + body if len(body) < 65536 else head)
