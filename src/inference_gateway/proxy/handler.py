@@ -247,15 +247,16 @@ class ProxyHandler:
         return orjson.dumps(prompt)[:self.affinity_chars] if prompt else None
 
     async def _read_body(self, request: Incoming) -> bytes:
-        limit = self.max_body_bytes
-        too_large = GatewayError(413, f"request body is larger than {limit} bytes",
-                                 code="request_too_large")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise self._too_large()
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+            raise self._too_large() from None
+
+    def _too_large(self) -> GatewayError:
+        return GatewayError(413, f"request body is larger than {self.max_body_bytes} bytes",
+                            code="request_too_large")
 
     async def _owned(self, response_id: str, tenant: Tenant, param: str) -> Owner:
         owner = await self.stored.owner(response_id)
