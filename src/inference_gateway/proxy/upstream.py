@@ -349,7 +349,7 @@ class Pool:
     def _head(self, method: str, path: str, length: int,
               headers: list[tuple[str, str]]) -> bytes:
         """The request head. Requests alike differ only in their length, so the rest is kept
-        for the last few (method, path, headers) seen: 0.3 us a head instead of 1.9."""
+        for the last few (method, path, headers) seen: 0.8 us a head instead of 1.9."""
         key = (method, path, id(headers))
         known = self._heads.get(key)
         if known is None or known[0] is not headers:
