@@ -2,9 +2,9 @@
 
 Opt-in (``HTTP_CORE=protocol``). It parses requests with ``httptools`` (llhttp, the parser Node
 uses) and hands each one for a forwarded endpoint straight to ``ProxyHandler.serve``, which
-saves 55-100 µs of CPU per request against aiohttp's server; with every feature of the gateway
-on that is 1.3-1.6x the requests per second at 32 connections (about 1.4x over all the rounds
-measured), short of the 1.5x that would make it the default
+saves 55-110 µs of CPU per request against aiohttp's server; with every feature of the gateway
+on that is 1.37x the requests per second at 32 connections with one worker and 1.58x with two
+(medians over three runs), short with one worker of the 1.5x that would make it the default
 (docs/performance.md, "The server core"). Everything else on the port (probes,
 ``/metrics``, the usage API and the dashboard, ``/v1/models``) stays with the aiohttp
 application, in the same process: see ``connection`` for how a connection is handed over.
