@@ -19,23 +19,14 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import istr
+
+from inference_gateway.proxy.answer_headers import header_name
 
 MAX_HEAD_BYTES = 64 * 1024
 PAUSE_ABOVE = 256 * 1024  # bytes of body waiting for the relay before reading stops
 RESUME_BELOW = 64 * 1024
 # uvicorn, which serves vLLM, closes a connection idle for 5 s; reuse only younger ones.
 MAX_IDLE_SEC = 4.0
-# Answer headers that describe one hop's connection, not the answer itself: never relayed.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
-    "date", "server", "proxy-authenticate", "trailer", "upgrade",
-})
-# The header names a model server sends, as read → (as ``istr``, which aiohttp's header map
-# takes without working out its case; lower-case; whether it is relayed): a server sends the
-# same few every time.
-_NAMES: dict[bytes, tuple[str, str, bool]] = {}
-MAX_NAMES = 256
 MAX_HEADS = 64  # request heads kept by a pool, less their length (see ``Pool._head``)
 
 
@@ -183,13 +174,7 @@ class _Connection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_HEAD_BYTES:
             raise httptools.HttpParserError("the response head is too large")
-        known = _NAMES.get(name)
-        if known is None:
-            fresh = istr(name.decode("latin-1"))
-            known = fresh, fresh.lower(), fresh.lower() not in HOP_BY_HOP
-            if len(_NAMES) < MAX_NAMES:
-                _NAMES[name] = known
-        key, lower, relayed = known
+        key, lower, relayed = header_name(name)
         text = value.decode("latin-1")
         if relayed:
             self._end_to_end.append((key, text))
