@@ -141,10 +141,15 @@ def hang_up(server: VllmServer, database_url: str, attempt: Callable[[], tuple[s
         if was_aborted:
             assert stored["disconnected"] is True, stored
             return stored, counts, deltas
-        # Only a generation vLLM ran to its end excuses a missing abort: then the whole answer
-        # was relayed (into the client's socket buffer) and is billed whole.
-        assert counts[1] == stored["completion_tokens"] == ABANDONED_MAX, (
-            counts, stored, server.log_lines(vllm_id))
+        # Only a generation vLLM ran to its end excuses a missing abort (at its length limit,
+        # or at an end-of-sequence token: vLLM's Messages API does not take `ignore_eos`).
+        # vLLM may end it before the gateway has relayed its last events: if the hang-up came
+        # first, the record is billed for the text the client was sent, as an aborted one; if
+        # not, the whole answer was relayed (into the client's socket buffer), billed whole.
+        if stored["disconnected"]:
+            assert deltas <= stored["completion_tokens"] <= counts[1], (counts, stored, deltas)
+        else:
+            assert stored["completion_tokens"] == counts[1], (counts, stored)
         finished.append(counts)
     raise AssertionError(f"vLLM finished all {tries} generations before the hang-up reached "
                          f"it (counts {finished}): the gateway did not close the upstream")
