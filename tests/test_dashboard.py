@@ -170,6 +170,14 @@ def sign_in(driver: WebDriver, site: Site, token: str) -> None:
          "totals shown")
 
 
+def downloaded(downloads: Path) -> bool:
+    """Whether a download has finished: the browser first puts an empty file under the final
+    name, writes beside it (``.crdownload``) and only then moves the written file over it."""
+    files = list(downloads.iterdir())
+    return bool(files) and not any(f.suffix == ".crdownload" for f in files) \
+        and all(f.stat().st_size > 0 for f in files)
+
+
 def screenshot(driver: WebDriver, path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     driver.save_screenshot(str(path))
     with capsys.disabled():
@@ -206,7 +214,7 @@ def test_a_tenant_sees_its_usage_and_downloads_it(
     assert bars(browser, "tokens-chart") == {"a1": want["input"] + want["output"]}
 
     browser.find_element(By.ID, "csv").click()
-    wait(browser, lambda: list(downloads.glob("*.csv")), "the CSV downloaded")
+    wait(browser, lambda: downloaded(downloads), "the CSV downloaded")
     [path] = downloads.glob("*.csv")
     assert path.name == "usage-completions-by-instance_id.csv"
     lines = list(csv.DictReader(path.read_text().splitlines()))
