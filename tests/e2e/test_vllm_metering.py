@@ -272,7 +272,9 @@ def test_client_drops_the_stream(
 ) -> None:
     max_tokens = 480  # 21 prompt tokens + 480 fit the 512-token context
     # A busy machine can hold the first bytes back until vLLM has written the whole answer;
-    # then no abort can follow, the answer is billed whole, and the try is made again.
+    # then no abort can follow, and the try is made again. The gateway may still have been
+    # relaying that answer when the client hung up: it is billed for what was relayed by then
+    # (marked disconnected), or whole if all of it was.
     for _ in range(3):
         stream = sdk(vllm_gateway.url, tenant).chat.completions.create(
             **sdk_args({"model": SERVED_MODEL, "messages": HELLO, "max_tokens": max_tokens,
@@ -288,8 +290,10 @@ def test_client_drops_the_stream(
         vllm_request = chunks[0].id
         aborted = vllm.wait_for_log(f"Request {vllm_request} aborted.", 15)
         stored = row(database_url, request_id)
-        if aborted or stored["completion_tokens"] != max_tokens:
+        if aborted:
             break
+        assert received <= stored["completion_tokens"] <= max_tokens, stored
+        assert stored["disconnected"] or stored["completion_tokens"] == max_tokens, stored
     assert aborted, (f"vLLM did not log {vllm_request} as aborted; stored: {stored}; vLLM's log:\n"
                      + "\n".join(vllm.log_lines(vllm_request)))
     assert stored["disconnected"] is True and stored["streamed"] is True
