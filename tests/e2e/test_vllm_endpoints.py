@@ -121,7 +121,7 @@ def read_then_hang_up(stream: Any, started: str, delta: str) -> tuple[str, str, 
 
 
 def hang_up(server: VllmServer, database_url: str, attempt: Callable[[], tuple[str, str, int]],
-            tries: int = 3) -> tuple[dict[str, Any], tuple[int, int], int]:
+            tries: int = 5) -> tuple[dict[str, Any], tuple[int, int], int]:
     """Run ``attempt`` (start a stream, read a little, hang up) until vLLM aborts the request.
 
     The tiny model writes the whole answer in about a second; on a busy machine the client may
