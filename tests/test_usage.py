@@ -78,6 +78,10 @@ def test_shapes_reject_what_is_not_a_count() -> None:
     assert read_usage(b'{"usage":{"input_tokens":1}}', "anthropic") is None
     assert read_usage(b'{"usage":{"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":9}'
                       b'}}') == Usage(5, 0, 5)  # never more cached than prompt
+    assert read_usage(b'{"usage":{"prompt_tokens":-3,"completion_tokens":2,'
+                      b'"prompt_tokens_details":{"cached_tokens":true}}}') == Usage(0, 2, 0)
+    assert read_usage(b'{"usage":{"prompt_tokens":4,"completion_tokens":null}}') == Usage(4, 0)
+    assert read_usage(b'{"usage":{"input_tokens":4,"output_tokens":null}}', "responses") is None
 
 
 def test_the_answers_own_id() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 
@@ -30,7 +30,7 @@ _SPECIAL = re.compile(rb'[{}"\\]')  # what decides where a JSON object ends
 _BLANK = b" \t\r\n"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made; not frozen: 0.6 us to make, plain 0.2
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -39,31 +39,31 @@ class Usage:
 
 def _count(value: object) -> int | None:
     """A token count: a non-negative int (bool is not one); None for anything else."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return max(value, 0)
+    if type(value) is int:  # what JSON gives; a bool is not one
+        return value if value > 0 else 0
     return None
-
-
-def _nested(value: dict[str, Any], member: str, key: str) -> int:
-    details = value.get(member)
-    if isinstance(details, dict):
-        return _count(details.get(key)) or 0
-    return 0
 
 
 def _read(value: object, prompt_key: str, completion_key: str, details_key: str,
           completion_may_be_absent: bool = False) -> Usage | None:
-    """A usage object whose prompt count includes the cached part, as OpenAI's shapes have it."""
+    """A usage object whose prompt count includes the cached part, as OpenAI's shapes have it.
+
+    Read for every chunk of a stream, so written out rather than through helpers.
+    """
     if not isinstance(value, dict):
         return None
-    prompt = _count(value.get(prompt_key))
+    prompt = value.get(prompt_key)
     completion = value.get(completion_key)
     if completion is None and completion_may_be_absent:
         completion = 0
-    counted = _count(completion)
-    if prompt is None or counted is None:
+    if type(prompt) is not int or type(completion) is not int:
         return None
-    return Usage(prompt, counted, min(_nested(value, details_key, "cached_tokens"), prompt))
+    prompt = prompt if prompt > 0 else 0
+    details = value.get(details_key)
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = cached if type(cached) is int and cached > 0 else 0
+    return Usage(prompt, completion if completion > 0 else 0,
+                 cached if cached < prompt else prompt)
 
 
 def openai_usage(value: object) -> Usage | None:
