@@ -46,24 +46,18 @@ def _count(value: object) -> int | None:
 
 def _read(value: object, prompt_key: str, completion_key: str, details_key: str,
           completion_may_be_absent: bool = False) -> Usage | None:
-    """A usage object whose prompt count includes the cached part, as OpenAI's shapes have it.
-
-    Read for every chunk of a stream, so written out rather than through helpers.
-    """
+    """A usage object whose prompt count includes the cached part, as OpenAI's shapes have it."""
     if not isinstance(value, dict):
         return None
-    prompt = value.get(prompt_key)
     completion = value.get(completion_key)
     if completion is None and completion_may_be_absent:
         completion = 0
-    if type(prompt) is not int or type(completion) is not int:
+    prompt, counted = _count(value.get(prompt_key)), _count(completion)
+    if prompt is None or counted is None:
         return None
-    prompt = prompt if prompt > 0 else 0
     details = value.get(details_key)
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    cached = cached if type(cached) is int and cached > 0 else 0
-    return Usage(prompt, completion if completion > 0 else 0,
-                 cached if cached < prompt else prompt)
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return Usage(prompt, counted, min(cached or 0, prompt))
 
 
 def openai_usage(value: object) -> Usage | None:
