@@ -67,10 +67,7 @@ class Response:
     async def read(self) -> bytes:
         conn = self._conn
         if self._complete and self._error is None and conn is not None:  # it came in whole
-            body = b"".join(self._chunks)
-            self._chunks.clear()
-            self._buffered = 0
-            conn.resume()
+            body = self._take(conn)
             self.release()
             return body
         return b"".join([chunk async for chunk in self.iter_chunks()])
@@ -81,12 +78,7 @@ class Response:
         assert conn is not None, "the body was already read"
         while True:
             if self._chunks:
-                chunk = self._chunks.popleft() if len(self._chunks) == 1 \
-                    else b"".join(self._chunks)
-                self._chunks.clear()
-                self._buffered = 0
-                conn.resume()
-                yield chunk
+                yield self._take(conn)
                 continue
             if self._error is not None:
                 raise self._error
@@ -96,6 +88,15 @@ class Response:
                 raise UpstreamError("the model server closed the connection mid-answer")
             await conn.wait_for_body()
         self.release()
+
+    def _take(self, conn: _Connection) -> bytes:
+        """What has arrived of the body, in one piece; reading may go on."""
+        chunks = self._chunks
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        conn.resume()
+        return body
 
     def release(self) -> None:
         """Give the connection back if the body was read whole, else close it.
