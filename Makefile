@@ -1,4 +1,4 @@
-.PHONY: run test lint bench image stop-dev clean-dev
+.PHONY: run test lint bench image compiled stop-dev clean-dev
 
 # Postgres, a model backend (BACKEND=sim or vllm) and the gateway on :8080.
 run:
@@ -19,6 +19,11 @@ bench:
 # The gateway's container image, with podman, on a Debian base built once into .dev/image.
 image:
 	deploy/image/build.sh
+
+# The wheel with the request path compiled to C (mypyc), in build/compiled/dist.
+compiled:
+	scripts/bootstrap.sh
+	scripts/build-compiled.sh
 
 # Stop the dev Postgres and Redis that `make run` and `make test` start (data stays in .dev).
 stop-dev:

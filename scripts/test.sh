@@ -55,6 +55,19 @@ if [ "${#deploy_missing[@]}" -gt 0 ]; then
          "the image and scale-out tests will be skipped" >&2
   fi
 fi
+# The compiled build's test compiles the request path: a C compiler and Python's headers.
+if ! command -v cc >/dev/null || ! .venv/bin/python -c \
+    'import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "test: installing gcc and Python's headers from Debian"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q gcc python3-dev >/dev/null
+  else
+    echo "test: a C compiler or Python's headers are missing (need root to install them);" \
+         "the compiled build's test will be skipped" >&2
+  fi
+fi
 .venv/bin/ruff check src tests
 .venv/bin/mypy src
 echo "test: setup took $(( $(date +%s) - start )) s"

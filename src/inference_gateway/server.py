@@ -32,6 +32,7 @@ from inference_gateway.db import leader
 from inference_gateway.db.schedule import maintenance_job
 from inference_gateway.observability import malformed_requests, shared
 from inference_gateway.portal.rollups import rollup_job
+from inference_gateway.proxy import handler
 from inference_gateway.proxy.endpoints import check_forwarded
 from inference_gateway.proxy.http import Limits, ServerCore
 from inference_gateway.settings import Settings
@@ -51,6 +52,11 @@ def _install_uvloop() -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def build() -> str:
+    """Which build runs, for the log: the compiled one's request path is C (setup.py)."""
+    return "pure Python" if (handler.__file__ or "").endswith(".py") else "compiled request path"
 
 
 def background_jobs(settings: Settings) -> list[Coroutine[Any, Any, None]]:
@@ -126,8 +132,8 @@ async def _run_worker(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker %d listening on %s:%d", os.getpid(), settings.webserver_host,
-             settings.webserver_port)
+    log.info("worker %d listening on %s:%d (%s core, %s)", os.getpid(), settings.webserver_host,
+             settings.webserver_port, settings.http_core, build())
     jobs = [asyncio.create_task(job) for job in background_jobs(settings)]
     await stop.wait()
     log.info("worker %d stopping: finishing in-flight requests and draining usage", os.getpid())
