@@ -1,6 +1,6 @@
 """Which server core for the ``/v1`` path: the same load, in one run, three interleaved rounds.
 
-    python bench/server_core_bench.py [--duration 8] [--rounds 3] [--quick]
+    python bench/server_core_bench.py [--duration 8] [--rounds 3] [--quick] [--no-compiled]
 
 Targets, all on 127.0.0.1, in front of the same fixed nginx backend (bench/nginx/backend.conf):
   nginx hop     nginx as a keep-alive reverse proxy: the yardstick
@@ -12,6 +12,8 @@ Targets, all on 127.0.0.1, in front of the same fixed nginx backend (bench/nginx
                 (proxy/http)
   uvicorn       bench/server_core_asgi.py: uvicorn (httptools, uvloop) and a bare ASGI app that
                 forwards through the gateway's upstream client; no tenant, no metering
+  ... compiled  the two gateway targets again on the compiled build (scripts/build-compiled.sh,
+                made first in the run; --no-compiled leaves them out)
 The gateway targets run with one worker and with two. Each round measures every target at
 c=1, c=32 and c=128 with wrk (a warm-up first), so a busy spell hits every target alike.
 Reported: median req/s over the rounds, p50/p99 at c=1, and the CPU time of the target's
@@ -30,6 +32,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +65,6 @@ RESULTS = ROOT / "bench" / "results"
 SCRATCH = ROOT / ".dev" / "bench"
 QUIET_BUSY = 0.15
 CONNECTIONS = (1, 32, 128)
-METERED = ("aiohttp_1w", "protocol_1w", "aiohttp_2w", "protocol_2w")
 
 
 @dataclass
@@ -100,6 +102,14 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / tick
+
+
+def build_compiled(tmp: Path) -> Path:
+    """The compiled build, installed into a directory to put first on PYTHONPATH."""
+    out = tmp / "compiled"
+    subprocess.run([str(ROOT / "scripts" / "build-compiled.sh"), str(out)], check=True,
+                   env={**os.environ, "PYTHON": sys.executable}, stdout=subprocess.DEVNULL)
+    return out / "site"
 
 
 def start_uvicorn(tmp: Path, backend: str) -> Service:
@@ -183,23 +193,26 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return summary.get(key, {}).get(f"c{c}", {}).get("rps")
 
     out: dict[str, Any] = {}
-    for workers in (1, 2):
-        a, p = f"aiohttp_{workers}w", f"protocol_{workers}w"
-        for c in (32, 128):
-            ra, rp = rps(a, c), rps(p, c)
-            if ra and rp:
-                out[f"protocol_over_aiohttp_{workers}w_c{c}"] = round(rp / ra, 2)
-        for key in (a, p):
-            rk, hop = rps(key, 32), rps("nginx_hop", 32)
-            if rk and hop:
-                out[f"{key}_over_nginx_hop_c32"] = round(rk / hop, 3)
+    for build in ("", "_compiled"):
+        for workers in (1, 2):
+            a, p = f"aiohttp_{workers}w{build}", f"protocol_{workers}w{build}"
+            for c in (32, 128):
+                ra, rp = rps(a, c), rps(p, c)
+                if ra and rp:
+                    out[f"protocol_over_aiohttp_{workers}w{build}_c{c}"] = round(rp / ra, 2)
+            for key in (a, p):
+                rk, hop, pure = rps(key, 32), rps("nginx_hop", 32), rps(key.removesuffix(build), 32)
+                if rk and hop:
+                    out[f"{key}_over_nginx_hop_c32"] = round(rk / hop, 3)
+                if build and rk and pure:
+                    out[f"{key}_over_pure_c32"] = round(rk / pure, 2)
     uv, a1 = rps("uvicorn", 32), rps("aiohttp_1w", 32)
     if uv and a1:
         out["uvicorn_bare_over_aiohttp_1w_c32"] = round(uv / a1, 2)
     hop1 = summary.get("nginx_hop", {}).get("c1", {})
-    for key in ("aiohttp_1w", "protocol_1w", "aiohttp_2w", "protocol_2w", "uvicorn"):
-        c1 = summary.get(key, {}).get("c1")
-        if c1 and hop1:
+    for key, target in summary.items():
+        c1 = target.get("c1")
+        if key != "nginx_hop" and c1 and hop1:
             out[f"{key}_added_p50_ms_vs_hop"] = round((c1["p50_us"] - hop1["p50_us"]) / 1000, 3)
             out[f"{key}_added_p99_ms_vs_hop"] = round((c1["p99_us"] - hop1["p99_us"]) / 1000, 3)
     return out
@@ -259,6 +272,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="2 s per measurement, one round")
     parser.add_argument("--quiet-wait", type=float, default=30.0)
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="leave out the gateway on the compiled build")
     args = parser.parse_args(argv)
     duration = 2.0 if args.quick else args.duration
     rounds = 1 if args.quick else args.rounds
@@ -289,14 +304,20 @@ def main(argv: list[str]) -> int:
         for svc in (backend, hop):
             proxy_procs.wait_http(svc, CHAT_PATH, method="POST", body=JSON_BODY.read_bytes())
         targets = [Target("nginx_hop", "nginx hop (2 workers)", [hop], False)]
-        for workers in (1, 2):
-            for core, label in (("aiohttp", "aiohttp"), ("protocol", "the protocol core")):
-                gw = proxy_procs.start_gateway(tmp, f"{core}_{workers}w", database_url,
-                                               {MODEL: backend.url}, workers,
-                                               {"HTTP_CORE": core})
-                services.append(gw)
-                targets.append(Target(f"{core}_{workers}w", f"gateway on {label}, {workers}w",
-                                      [gw], True))
+        builds: list[tuple[str, str, dict[str, str]]] = [("", "", {})]
+        if not args.no_compiled:
+            say("server core benchmark: building the compiled gateway")
+            site = build_compiled(tmp)
+            builds.append(("_compiled", ", compiled", {"PYTHONPATH": str(site)}))
+        for build, build_label, env in builds:
+            for workers in (1, 2):
+                for core, label in (("aiohttp", "aiohttp"), ("protocol", "the protocol core")):
+                    key = f"{core}_{workers}w{build}"
+                    gw = proxy_procs.start_gateway(tmp, key, database_url, {MODEL: backend.url},
+                                                   workers, {"HTTP_CORE": core, **env})
+                    services.append(gw)
+                    targets.append(Target(key, f"gateway on {label}, {workers}w{build_label}",
+                                          [gw], True))
         uv = start_uvicorn(tmp, backend.url)
         services.append(uv)
         targets.append(Target("uvicorn", "uvicorn + bare ASGI app, 1w", [uv], False))
