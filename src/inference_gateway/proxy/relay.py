@@ -231,8 +231,8 @@ class Relay:
                 answer = await self.pool(target.url).request(
                     exchange.method, exchange.path, exchange.body,
                     exchange.headers or REQUEST_HEADERS)
-            except UpstreamTimeout as exc:  # it may be generating: never sent again
-                return exc
+            except UpstreamTimeout as timeout:  # it may be generating: never sent again
+                return timeout
             except UpstreamError as exc:  # refused or reset before any byte: safe to resend
                 serving[:] = [(target, "unreachable")]
                 if last:

@@ -13,7 +13,6 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import urlsplit
@@ -57,13 +56,6 @@ class Response:
     _complete: bool = False
     _error: UpstreamError | None = None
 
-    def header(self, name: str) -> str | None:
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
     async def read(self) -> bytes:
         conn = self._conn
         if self._complete and self._error is None and conn is not None:  # it came in whole
@@ -72,22 +64,10 @@ class Response:
             return body
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    def iter_chunks(self) -> Chunks:
         """Body bytes as they arrive; the connection goes back to the pool after the last."""
-        conn = self._conn
-        assert conn is not None, "the body was already read"
-        while True:
-            if self._chunks:
-                yield self._take(conn)
-                continue
-            if self._error is not None:
-                raise self._error
-            if self._complete:
-                break
-            if conn.closed:
-                raise UpstreamError("the model server closed the connection mid-answer")
-            await conn.wait_for_body()
-        self.release()
+        assert self._conn is not None, "the body was already read"
+        return Chunks(self, self._conn)
 
     def _take(self, conn: _Connection) -> bytes:
         """What has arrived of the body, in one piece; reading may go on."""
@@ -107,11 +87,34 @@ class Response:
         if conn is not None:
             conn.pool.finished(conn, self._complete and not self._chunks)
 
-    # -- fed by the connection ------------------------------------------------------------------
-
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes) -> None:  # by the connection, as the body arrives
         self._chunks.append(data)
         self._buffered += len(data)
+
+
+@dataclass(slots=True)
+class Chunks:
+    """``Response.iter_chunks``: not an async generator, which the compiled build cannot be."""
+
+    _response: Response
+    _conn: _Connection
+
+    def __aiter__(self) -> Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        response, conn = self._response, self._conn
+        while True:
+            if response._chunks:
+                return response._take(conn)
+            if response._error is not None:
+                raise response._error
+            if response._complete:
+                response.release()
+                raise StopAsyncIteration
+            if conn.closed:
+                raise UpstreamError("the model server closed the connection mid-answer")
+            await conn.wait_for_body()
 
 
 class _Connection(asyncio.Protocol):

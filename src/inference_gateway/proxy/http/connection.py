@@ -100,8 +100,8 @@ class Connection(asyncio.Protocol):
         while True:
             try:
                 self.parser.feed_data(data)
-            except httptools.HttpParserUpgrade as exc:  # an Upgrade header: not taken up
-                data = data[int(exc.args[0]):]
+            except httptools.HttpParserUpgrade as upgrade:  # an Upgrade header: not taken up
+                data = data[int(upgrade.args[0]):]
                 if data:
                     continue
             except httptools.HttpParserError as exc:
