@@ -18,7 +18,8 @@ from inference_gateway.server import build
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tests of what the compiled modules do: both HTTP servers, the relay and its streams, the
-# payloads, the records and their spool, routing, tenants, and the gateway end to end.
+# upstream client, the payloads, the records and their spool, routing, tenants, and the gateway
+# end to end.
 SUITE = [
     "tests/test_endpoints.py",
     "tests/test_event_streams.py",
@@ -34,6 +35,8 @@ SUITE = [
     "tests/test_spool.py",
     "tests/test_sse.py",
     "tests/test_tenancy.py",
+    "tests/test_upstream.py",
+    "tests/test_upstream_faults.py",
 ]
 # Tests that replace a method or a module's global, which a compiled module does not allow.
 PATCHING = [
@@ -85,15 +88,15 @@ def test_the_listed_modules_are_compiled(compiled_site: Path) -> None:
         "    print(name, importlib.import_module(name).__file__)\n"
         "from inference_gateway.server import build\n"
         "print('build', build())\n"
-    ), *modules, "inference_gateway.proxy.upstream"], timeout=60)
+    ), *modules, "inference_gateway.metering.record"], timeout=60)
     assert shown.returncode == 0, shown.stderr
     files = dict(line.split(" ", 1) for line in shown.stdout.splitlines())
     for name in modules:
         assert files[name].startswith(str(compiled_site)) and files[name].endswith(".so"), \
             (name, files[name])
     # What is not listed stays Python, from the same installed package.
-    upstream = files["inference_gateway.proxy.upstream"]
-    assert upstream.startswith(str(compiled_site)) and upstream.endswith(".py")
+    record = files["inference_gateway.metering.record"]
+    assert record.startswith(str(compiled_site)) and record.endswith(".py")
     assert files["build"] == "compiled request path"  # what a worker logs when it starts
 
 
