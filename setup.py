@@ -2,9 +2,10 @@
 
 ``INFERENCE_GATEWAY_COMPILE=1`` (with mypy and a C compiler where the package is built) turns
 the modules below into C extensions with mypyc, the compiler of mypy's own: the same source,
-already checked by ``mypy --strict``, run without the interpreter's per-line work. A worker
-then spends 15-25% less CPU on a request (docs/performance.md, "The compiled build").
-Without it the package is pure Python, as every other build and the test suite use it.
+already checked by ``mypy --strict``, run without the interpreter's per-line work. A worker on
+the protocol core then spends a fifth to a quarter less CPU on a request (docs/performance.md,
+"The compiled build"). Without it the package is pure Python, as every other build and the test
+suite use it.
 
 Only modules that mypyc compiles and that pass the suite compiled are listed. Not the usage
 record: the process crashed on the first request, as orjson wrote a compiled record. Not the
