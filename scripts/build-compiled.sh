@@ -13,7 +13,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$(realpath -m "${1:-$root/build/compiled}")"
 python="${PYTHON:-$root/.venv/bin/python}"
 
-rm -rf "$out"
+rm -rf "$out/dist" "$out/site" "$out/source"  # only what it makes: OUT may hold more
 mkdir -p "$out/source"
 cp "$root/pyproject.toml" "$root/setup.py" "$root/README.md" "$out/source/"
 cp -r "$root/src" "$out/source/src"
